@@ -1,0 +1,5 @@
+"""``python -m vfdirect`` runs the command-line interface."""
+
+from vfdirect.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Command-line interface (a process shell over the cores and, later, the host API)."""
