@@ -1,0 +1,47 @@
+"""What the commands share: the user-error type and parameter types."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+
+class CliError(click.ClickException):
+    """An operation the user asked for cannot be done; the message says why."""
+
+    exit_code = 1
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kb": 1000, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30,
+    "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """``512``, ``4k``, ``64MiB``, ``1GB``... -> bytes; ``ValueError`` with the reason."""
+    m = _SIZE_RE.match(text.lower())
+    if m is None or m.group(2) not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (examples: 4096, 64MiB, 1GiB)")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+class SizeType(click.ParamType):  # type: ignore[type-arg]
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeType()
