@@ -52,7 +52,7 @@ class LayoutError(AllocError, ValueError):
     """A virtual disk layout or a dump is malformed."""
 
 
-class SpaceAllocationFailed(BlockError):  # noqa: N818 (named after its SBC-3 sense)
+class SpaceAllocationFailed(BlockError):
     """A write to an unallocated chunk of a thin virtual disk found no free space: SBC-3
     logical block provisioning's DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT
     (27h/07h). Raised by the data path; the write did not happen."""

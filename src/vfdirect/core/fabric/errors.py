@@ -46,7 +46,7 @@ class FabricError(Exception):
     """A fabric operation (login, configuration change, load) was refused."""
 
 
-class LoginRejected(FabricError):  # noqa: N818 (named after the LS_RJT reply it stands for)
+class LoginRejected(FabricError):
     """A fabric login (FLOGI or FDISC) was refused: the fabric's LS_RJT (FC-LS)."""
 
 
