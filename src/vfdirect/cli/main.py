@@ -56,9 +56,10 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so that each command module may import this one.
+    from vfdirect.cli.adapter import adapter  # noqa: PLC0415
     from vfdirect.cli.selfcheck import demo, selfcheck  # noqa: PLC0415
 
-    for command in (selfcheck, demo):
+    for command in (adapter, selfcheck, demo):
         cli.add_command(command)
 
 
