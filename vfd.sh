@@ -2,7 +2,8 @@
 # vfdirect: set up this machine and run the main job or the test suite.
 #
 #   ./vfd.sh demo [ARGS...]   set up, then run the main job
-#   ./vfd.sh test [ARGS...]   set up, then run the whole test suite (ARGS go to pytest)
+#   ./vfd.sh test [ARGS...]   set up, then run the whole test suite (ARGS go to pytest);
+#                             a throwaway PostgreSQL server runs for the inventory tests
 #   ./vfd.sh setup            set up only
 #
 # Setting up means: install the Debian packages vfdirect and its tests use (only those
@@ -79,7 +80,14 @@ case "$cmd" in
         exec "$venv/bin/vfdirect" demo "$@" ;;
     test)
         setup
-        exec "$venv/bin/python" -m pytest "$@" ;;
+        # The inventory's PostgreSQL variants need a server: start a throwaway one unless
+        # the caller points at their own (VFDIRECT_TEST_PG_URL), and stop it afterwards.
+        if [ -z "${VFDIRECT_TEST_PG_URL:-}" ] && [ "${VFDIRECT_NO_PG:-}" != 1 ]; then
+            VFDIRECT_TEST_PG_URL="$(scripts/postgres-test-server.sh start)"
+            export VFDIRECT_TEST_PG_URL
+            trap 'scripts/postgres-test-server.sh stop >/dev/null 2>&1 || true' EXIT
+        fi
+        "$venv/bin/python" -m pytest "$@" ;;
     *)
         echo "usage: ./vfd.sh demo|test|setup [ARGS...]" >&2
         exit 2 ;;

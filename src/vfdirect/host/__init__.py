@@ -1,0 +1,1 @@
+"""The hypervisor (shell): ``vfdirect host``, its inventory, and what it drives."""
