@@ -58,8 +58,9 @@ def _register() -> None:
     # Imported here so that each command module may import this one.
     from vfdirect.cli.adapter import adapter  # noqa: PLC0415
     from vfdirect.cli.selfcheck import demo, selfcheck  # noqa: PLC0415
+    from vfdirect.cli.vm_run import vm_run  # noqa: PLC0415
 
-    for command in (adapter, selfcheck, demo):
+    for command in (adapter, selfcheck, demo, vm_run):
         cli.add_command(command)
 
 
