@@ -1,6 +1,6 @@
-"""The adapter daemon's imports follow docs/architecture.md: vfdirect.core, vfdirect.storage
-and its own modules only (never the hypervisor, the VM or the CLI: they speak over
-sockets)."""
+"""The adapter daemon's imports follow docs/architecture.md: vfdirect.core, vfdirect.storage,
+the shared transports (guest memory files) and its own modules only (never the
+hypervisor, the VM or the CLI: they speak over sockets)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "vfdirect"
-ALLOWED = ("vfdirect.core", "vfdirect.storage", "vfdirect.adapter")
+ALLOWED = ("vfdirect.core", "vfdirect.storage", "vfdirect.adapter", "vfdirect.transport")
 
 
 @pytest.mark.parametrize("path", sorted((SRC / "adapter").rglob("*.py")),

@@ -42,6 +42,9 @@ def test_close_refuses_while_views_exported(tmp_path: Path) -> None:
     held = mem.buffer[0:16]
     with pytest.raises(BufferError):
         mem.close()
+    assert not mem.closed
+    mem.buffer[0] = 7  # still mapped and usable after the refused close
+    assert held[0] == 7
     held.release()
     mem.close()
     assert mem.closed

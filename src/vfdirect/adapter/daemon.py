@@ -1,10 +1,13 @@
 """The adapter daemon: one per host; owns the PF, the VFs, the vport logins, the IO engine.
 
 Start-up, in order: take the run directory (``adapter.lock``, flock: one adapter per run
-directory), open the shared fabric if ``--fabric-dir`` was given (the physical port logs
-in, FLOGI), attach the ``--array`` directories, bind ``pf.sock`` (0600), log
-``adapter_ready``. SIGTERM or SIGINT: stop accepting, finish the request in hand, unlink
-the socket, log every port out (their login files are released), close the LUNs.
+directory), register the VF data paths (each VF binds its vhost-user socket
+``vf<N>.sock`` when it is assigned to a VM), open the shared fabric if ``--fabric-dir``
+was given (the physical port logs in, FLOGI), attach the ``--array`` directories, bind
+``pf.sock`` (0600), log ``adapter_ready``. SIGTERM or SIGINT: stop accepting, finish the
+request in hand, unlink the socket, stop the VF threads (their front ends are
+disconnected, their sockets unlinked), log every port out (their login files are
+released), close the LUNs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from vfdirect.adapter.log import log_event, setup_logging
 from vfdirect.adapter.platform import HostPlatform
 from vfdirect.adapter.server import PeerPolicy, PfServer
 from vfdirect.adapter.service import AdapterService
+from vfdirect.adapter.vf import VfManager
+from vfdirect.adapter.vf.worker import POLL_BUDGET_NS
 from vfdirect.core.adapter.model import AdapterIdentity, AdapterModel
 from vfdirect.core.rpc import RpcError
 from vfdirect.core.wwn import Wwn
@@ -47,6 +52,8 @@ class AdapterConfig:
     log_format: str = "text"
     port_wwpn: Wwn | None = None
     port_wwnn: Wwn | None = None
+    #: busy-poll budget of a VF thread after activity, before it re-arms kicks and sleeps
+    vf_poll_us: int = POLL_BUDGET_NS // 1000
 
     def policy(self) -> PeerPolicy:
         """Without a configured hypervisor, only our own uid may connect."""
@@ -97,6 +104,7 @@ async def _amain(config: AdapterConfig, logger: logging.Logger) -> int:
                             port_wwnn=config.port_wwnn or wwnn,
                             fabric_dir=config.fabric_dir)
     server: PfServer | None = None
+    vfs: VfManager | None = None
     try:
         def internal(method: str, exc: BaseException) -> None:
             log_event(logger, "pf_internal_error", level=logging.ERROR, method=method,
@@ -106,6 +114,9 @@ async def _amain(config: AdapterConfig, logger: logging.Logger) -> int:
                              identity=AdapterIdentity(version=__version__),
                              on_internal_error=internal)
         service = AdapterService(model, platform, logger)
+        vfs = VfManager(service, max_vfs=config.vfs, logger=logger,
+                        poll_budget_ns=config.vf_poll_us * 1000)
+        vfs.start()
         try:
             if config.fabric_dir is not None:
                 platform.open_fabric(config.fabric_dir.resolve())
@@ -133,5 +144,7 @@ async def _amain(config: AdapterConfig, logger: logging.Logger) -> int:
     finally:
         if server is not None:
             server.close_listener()
+        if vfs is not None:
+            vfs.close()
         platform.close()
         os.close(lock_fd)

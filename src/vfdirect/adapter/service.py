@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vfdirect.adapter.log import log_event
 from vfdirect.adapter.platform import HostPlatform
@@ -64,10 +64,20 @@ class AdapterService:
         state = self._model.state
         return state.vfs[index], state.initiator_of(index)
 
-    def vf_event(self, index: int, event: VfEvent, reason: str | None = None) -> VfRecord:
-        """Report a data path event (front end attached/gone, fault)."""
+    def vf_event(self, index: int, event: VfEvent, reason: str | None = None, *,
+                 if_current: Callable[[], bool] | None = None) -> VfRecord | None:
+        """Report a data path event (front end attached/gone, fault). ``if_current`` is
+        checked under the lock first: False drops the event (it is stale: the VF was
+        reset or reassigned since), and None is returned."""
         with self._lock:
-            record = self._model.vf_event(index, event, reason)
+            if if_current is not None and not if_current():
+                record = None
+            else:
+                record = self._model.vf_event(index, event, reason)
+        if record is None:
+            log_event(self._log, "vf_event_stale", vf=index, vf_event=event.value,
+                      reason=reason)
+            return None
         log_event(self._log, "vf_event", vf=index, vf_event=event.value,
                   state=record.state.value, reason=reason)
         return record

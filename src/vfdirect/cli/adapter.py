@@ -44,6 +44,9 @@ def _wwn(ctx: click.Context, param: click.Parameter, value: str | None) -> Wwn |
               help="WWPN of the physical port (default: derived from --run-dir).")
 @click.option("--port-wwnn", callback=_wwn,
               help="WWNN of the physical port (default: derived from --run-dir).")
+@click.option("--vf-poll-us", default=200, show_default=True, type=click.IntRange(0, 100_000),
+              help="How long a VF thread busy-polls its rings after activity before it "
+                   "re-enables kicks and sleeps (0: never poll).")
 def adapter(  # noqa: PLR0917 (click passes one argument per option)
     run_dir: Path,
     vfs: int,
@@ -54,12 +57,14 @@ def adapter(  # noqa: PLR0917 (click passes one argument per option)
     log_format: str,
     port_wwpn: Wwn | None,
     port_wwnn: Wwn | None,
+    vf_poll_us: int,
 ) -> None:
     """Run the adapter daemon: PF admin socket, VFs, vport logins, IO engine."""
     config = AdapterConfig(
         run_dir=run_dir, vfs=vfs, hypervisor_pid=hypervisor_pid,
         hypervisor_uid=hypervisor_uid, arrays=arrays, fabric_dir=fabric_dir,
         log_format=log_format, port_wwpn=port_wwpn, port_wwnn=port_wwnn,
+        vf_poll_us=vf_poll_us,
     )
     sys.exit(run_adapter(config))
 

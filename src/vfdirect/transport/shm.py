@@ -130,12 +130,15 @@ class SharedMemory:
         if self._view is None:
             return
         self._view.release()
-        self._view = None
         try:
             self._map.close()
-        finally:
-            if self._owns_fd:
-                os.close(self._fd)
+        except BufferError:
+            # Views are still held: stay fully open, so the caller can drop them and retry.
+            self._view = memoryview(self._map)[self._skip:self._skip + self._size]
+            raise
+        self._view = None
+        if self._owns_fd:
+            os.close(self._fd)
 
     def unlink(self) -> None:
         """Remove the memory file's name (the memory lives on while mapped)."""

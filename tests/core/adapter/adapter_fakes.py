@@ -129,6 +129,9 @@ class FakeDataPath:
         self.resets += 1
         self.heads.clear()
 
+    def stats(self) -> Mapping[str, Any]:
+        return {"ios": 0}
+
 
 class MemoryPlatform:
     """An AdapterPlatform over memory LUNs and a shared in-process Fabric."""

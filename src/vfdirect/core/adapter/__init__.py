@@ -12,6 +12,9 @@ One module per concern:
 ``vport``       NPIV virtual ports: names, login, binding (claims A5, A7, X3)
 ``platform``    the interfaces to the shells: fabric, arrays, buffers, VF data path hooks
 ``scsi_view``   a mapping table as SCSI targets (the VF's and the PF's command executor)
+``vscsi``       a VF as a virtio-scsi device: command requests, TMF/AN, hot-plug events
+``vf_state``    the versioned queue-state record a VF hands over at ``vf_state_save``
+``vf_stats``    per-VF data path counters and latency histogram
 ``model``       ``AdapterModel``: the admin methods applied to an ``AdapterState``
 ==============  ==========================================================================
 """

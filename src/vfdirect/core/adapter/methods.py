@@ -127,7 +127,9 @@ METHODS: tuple[MethodSpec, ...] = (
         result=(
             ("requests", "admin requests by method"), ("errors", "error replies by code name"),
             ("pf_io", "{commands, bytes_in, bytes_out, check_conditions}"),
-            ("vfs", "[{vf, state, outstanding}] of enabled VFs"),
+            ("vfs", "[{vf, state, outstanding, io}] of enabled VFs; io is the data path's "
+                    "counters (ios, reads, writes, bytes_in, bytes_out, errors by sense key, "
+                    "latency_us_log2 histogram, ...) or null"),
         ),
     ),
     MethodSpec(

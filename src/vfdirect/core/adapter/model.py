@@ -378,7 +378,8 @@ class AdapterModel:
                 continue
             dp = self._platform.datapath(vf.index)
             vfs.append({"vf": int(vf.index), "state": vf.state.value,
-                        "outstanding": 0 if dp is None else dp.outstanding()})
+                        "outstanding": 0 if dp is None else dp.outstanding(),
+                        "io": None if dp is None else dict(dp.stats())})
         return {
             "requests": dict(sorted(self._requests.items())),
             "errors": dict(sorted(self._errors.items())),

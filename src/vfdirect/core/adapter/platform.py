@@ -131,6 +131,10 @@ class VfDataPath(Protocol):
     def reset(self) -> None:
         """Stop everything and forget the front end (function-level reset, unassign)."""
 
+    def stats(self) -> Mapping[str, Any]:
+        """The data path's counters (plain data: IOs, bytes, errors by sense key,
+        latency histogram, ...), for ``adapter_get_stats``."""
+
 
 class AdapterPlatform(Protocol):
     """Everything with IO that the model needs."""
