@@ -1,0 +1,201 @@
+"""VM processes: each VM is a ``vfdirect vm-run`` process the host starts, in a session
+of its own (it outlives a killed host), with its memory file and console log in
+``<run dir>/vms/<name>/``.
+
+The start handshake is the VM runtime's (``vm-run --paused``): the process maps its
+memory and logs ``vm_paused`` with its pid; the host then assigns the VF to that pid,
+loads the mapping, binds the vport and writes the firmware table into page 0 (claim A8);
+SIGUSR1 lets the VM connect to its VF and scan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vfdirect.core.guest.fwtable import FWTABLE_MAX_BYTES
+from vfdirect.core.guest.layout import FWTABLE_ADDR
+from vfdirect.host.adapter_link import pid_alive
+
+CONSOLE_NAME = "console.log"
+MEMORY_NAME = "memory"
+FWTABLE_JSON_NAME = "fwtable.json"
+#: Longest console read the API returns.
+CONSOLE_MAX_BYTES = 1 << 20
+
+
+class VmProcessError(Exception):
+    """A VM process did not start or answer in time; the message says why."""
+
+
+def vm_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / "vms" / name
+
+
+def console_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON events of a console log (other lines are skipped)."""
+    out: list[dict[str, Any]] = []
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                item = json.loads(line)
+                if isinstance(item, dict):
+                    out.append(item)
+    return out
+
+
+def is_vm_process(pid: int, name: str) -> bool:
+    """Whether ``pid`` is a live ``vm-run`` process of VM ``name``."""
+    if not pid_alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"vfdirect.cli.vm_run" in argv and name.encode() in argv
+
+
+class VmProcess:
+    """One VM's process, started by this host or found running after a host restart."""
+
+    def __init__(self, run_dir: Path, name: str) -> None:
+        self.name = name
+        self.dir = vm_dir(run_dir, name)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        #: where this boot's lines start in the console log (it keeps earlier boots')
+        self.boot_offset = 0
+
+    @property
+    def console(self) -> Path:
+        return self.dir / CONSOLE_NAME
+
+    @property
+    def memory(self) -> Path:
+        return self.dir / MEMORY_NAME
+
+    def spawn(self, *, memory_bytes: int, workload: str, start_timeout: float = 60.0) -> int:
+        """Start ``vm-run --paused``; returns its pid once it logged ``vm_paused``."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.memory.unlink()  # a cold boot: page 0 blank until the host writes it
+        offset = self.boot_offset = self.console_offset()
+        args = [sys.executable, "-m", "vfdirect.cli.vm_run", "--memory-file", str(self.memory),
+                "--memory-size", str(memory_bytes), "--paused", "--name", self.name,
+                "--workload", workload, "--log-format", "json",
+                "--start-timeout", str(start_timeout)]
+        log = open(self.console, "ab")  # noqa: SIM115 (the child owns it)
+        try:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log, start_new_session=True)
+        finally:
+            log.close()
+        self.pid = self.proc.pid
+        self.wait_event("vm_paused", after=offset, timeout=20.0)
+        return self.pid
+
+    def wait_event(self, event: str, *, after: int = 0, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for item in self._events_after(after):
+                if item.get("event") == event:
+                    return item
+            if self.proc is not None and self.proc.poll() is not None:
+                raise VmProcessError(f"VM {self.name!r} exited with status "
+                                     f"{self.proc.returncode} before {event}; see "
+                                     f"{self.console}")
+            if time.monotonic() >= deadline:
+                raise VmProcessError(f"VM {self.name!r}: no {event} in {timeout:g} s")
+            time.sleep(0.02)
+
+    def _events_after(self, offset: int) -> list[dict[str, Any]]:
+        try:
+            with open(self.console, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in data.decode(errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    item = json.loads(line)
+                    if isinstance(item, dict):
+                        out.append(item)
+        return out
+
+    def console_offset(self) -> int:
+        return self.console.stat().st_size if self.console.exists() else 0
+
+    def write_fwtable(self, page: bytes, content: dict[str, Any]) -> None:
+        """Claim A8: the firmware table into page 0 of the VM's memory (and a readable
+        copy beside it)."""
+        if len(page) > FWTABLE_MAX_BYTES:
+            raise VmProcessError(f"firmware table of {len(page)} bytes exceeds a page")
+        fd = os.open(self.memory, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, page.ljust(FWTABLE_MAX_BYTES, b"\0"), FWTABLE_ADDR)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp = self.dir / (FWTABLE_JSON_NAME + ".tmp")
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.dir / FWTABLE_JSON_NAME)
+
+    def go(self) -> None:
+        assert self.pid is not None
+        os.kill(self.pid, signal.SIGUSR1)
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        """Signal the VM's process (SIGSTOP/SIGCONT: pause and resume its vCPU, i.e. the
+        whole guest runtime, as a hypervisor stops a VM's vCPU threads)."""
+        if self.pid is None or not self.alive():
+            raise VmProcessError(f"VM {self.name!r} has no process")
+        os.kill(self.pid, sig)
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.pid is not None and is_vm_process(self.pid, self.name)
+
+    def stop(self, wait_s: float = 15.0) -> None:
+        """SIGTERM, bounded wait, then SIGKILL; a child is reaped."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(wait_s)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(wait_s)
+            return
+        if self.pid is None or not is_vm_process(self.pid, self.name):
+            return
+        os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait_s
+        while pid_alive(self.pid):
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+
+    def read_console(self, tail: int = CONSOLE_MAX_BYTES) -> str:
+        try:
+            with open(self.console, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - tail))
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
