@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "vfdirect"
-ALLOWED = ("vfdirect.core", "vfdirect.storage", "vfdirect.vm", "vfdirect.transport")
+ALLOWED = ("vfdirect.core", "vfdirect.storage", "vfdirect.vm", "vfdirect.transport",
+           "vfdirect.eventlog")
 
 
 @pytest.mark.parametrize("path", sorted((SRC / "vm").rglob("*.py")), ids=lambda p: p.name)
