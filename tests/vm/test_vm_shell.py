@@ -326,3 +326,53 @@ def test_sequence_resubmits_only_what_the_device_never_saw(guest: Guest,
         assert len(writes) == 11
     finally:
         frontend.close()
+
+
+def test_verify_workload_checks_every_read_against_the_journal(
+        guest: Guest, backend: FakeVhostBackend) -> None:
+    """verify: a clean run (with a journal checkpoint), then a block changed behind its
+    back and a disk with a bad block: both are reported, and the run is not ok."""
+    from vfdirect.core.guest.journal import make_block  # noqa: PLC0415
+    from vfdirect.vm.verify import Verify  # noqa: PLC0415
+
+    frontend, _, layer = connect(guest, backend)
+    try:
+        layer.scan()
+
+        def run(**kw: object) -> dict[str, object]:
+            options: dict[str, object] = {"count": 400, "window": 8, "seed": 7, **kw}
+            return Verify(layer, guest.journal, vm=1, depth=4, in_device=set(),
+                          should_stop=lambda: False, **options).run()  # type: ignore[arg-type]
+
+        # 2400 writes into a 2046-entry journal: compacted at least once, nothing lost
+        clean = run(count=3000, read_pct=20)
+        assert clean["ok"] and clean["errors"] == 0 and clean["checkpoints"] >= 1, clean
+        assert clean["verified"] > 0 and clean["final_checked"] == clean["final_lbas"] == 24
+        again = run(read_pct=100)  # a new run on the same journal: same expectations
+        assert again["ok"] and again["writes"] == 0 and again["verified"] == 400 + 24
+        sda = layer.disks["sda"]
+        sda.write(3, make_block(1, 3, 999, 0, sda.block_size))  # not what was acked
+        stale = run(count=1, read_pct=100)
+        assert not stale["ok"] and stale["mismatches"] >= 1
+        assert any("lba 3" in d for d in stale["error_details"])  # type: ignore[attr-defined]
+        bad = run(count=200, read_pct=100, window=16)  # sdc's LBA 13 reads fail
+        assert not bad["ok"] and bad["io_errors"] >= 1
+    finally:
+        frontend.close()
+
+
+def test_load_workload_reports_iops_and_latency(guest: Guest,
+                                                backend: FakeVhostBackend) -> None:
+    from vfdirect.vm.verify import Load  # noqa: PLC0415
+
+    frontend, _, layer = connect(guest, backend)
+    try:
+        layer.scan()
+        result = Load(layer, depth=6, read_pct=60, bs=4, count=300, seed=3,
+                      should_stop=lambda: False).run()
+        assert result["ios"] == 300 and result["reads"] + result["writes"] == 300
+        assert result["iops"] > 0 and result["latency"]["max_us"] > 0
+        # sdc has a bad block: reads there may fail, and it shows
+        assert result["ok"] == (result["errors"] == 0)
+    finally:
+        frontend.close()

@@ -24,6 +24,9 @@ import click
 from vfdirect.cli.common import SIZE, CliError
 from vfdirect.host.client import ApiError, HostClient
 
+#: What a VM can run (``vm-run --workload``; as vfdirect.host.vms.WORKLOADS).
+WORKLOADS = ("idle", "selftest", "sequence", "verify", "load")
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 API_SOCKET_NAME = "api.sock"
@@ -113,7 +116,7 @@ def host() -> None:
               help="VFs to enable on the adapter.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
-@click.option("--vm-workload", type=click.Choice(["idle", "selftest", "sequence"]),
+@click.option("--vm-workload", type=click.Choice(WORKLOADS),
               default="idle", show_default=True, help="What a started VM runs by default.")
 @click.option("--foreground", is_flag=True, help="Run in this process (logs to stderr).")
 def host_start(  # noqa: PLR0917 (click passes one argument per option)
@@ -387,18 +390,25 @@ VM_COLUMNS = ("name", "host", "state", "pid", "vf", "vport", "vdisks")
 @vm.command("create")
 @click.argument("name")
 @click.option("--memory", type=SIZE, default="16MiB", show_default=True)
+@click.option("--workload", type=click.Choice(WORKLOADS),
+              help="What the VM runs when started (default: the host's --vm-workload).")
 @api_options
-def vm_create(name: str, memory: int, run_dir: Path | None, api_socket: Path | None,
-              as_json: bool) -> None:
+def vm_create(  # noqa: PLR0917 (click passes one argument per option)
+    name: str, memory: int, workload: str | None, run_dir: Path | None,
+    api_socket: Path | None, as_json: bool,
+) -> None:
     """Define a VM on this host."""
-    made = _call(run_dir, api_socket,
-                 lambda c: c.post("/v1/vms", {"name": name, "memory_bytes": memory}))
+    body: dict[str, Any] = {"name": name, "memory_bytes": memory}
+    if workload is not None:
+        body["workload"] = workload
+    made = _call(run_dir, api_socket, lambda c: c.post("/v1/vms", body))
     _out(made if as_json else [made], as_json, VM_COLUMNS)
 
 
 @vm.command("start")
 @click.argument("name")
-@click.option("--workload", type=click.Choice(["idle", "selftest", "sequence"]))
+@click.option("--workload", type=click.Choice(WORKLOADS),
+              help="Overrides the VM's own (vm create --workload).")
 @api_options
 def vm_start(name: str, workload: str | None, run_dir: Path | None, api_socket: Path | None,
              as_json: bool) -> None:
@@ -462,7 +472,8 @@ def vm_show(name: str, run_dir: Path | None, api_socket: Path | None, as_json: b
     if as_json:
         _out(shown, True)
         return
-    _out({k: v for k, v in shown["vm"].items() if k != "vdisks"}, False)
+    _out({**{k: v for k, v in shown["vm"].items() if k != "vdisks"},
+          "workload": shown.get("workload")}, False)
     click.echo("")
     click.echo(_table(_vdisk_rows(shown["disks"]), VDISK_COLUMNS))
     agree = shown["vf_mapping"] == shown["inventory_mapping"]

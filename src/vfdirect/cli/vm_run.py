@@ -59,12 +59,21 @@ def _load_fwtable(path: Path | None) -> bytes | None:
               help="Seconds before a SCSI command is aborted (ABORT TASK), as Linux's sd.")
 @click.option("--spin-us", type=float, default=200.0, show_default=True,
               help="Busy-poll window before sleeping on the call eventfd.")
-@click.option("--count", type=click.IntRange(1), default=1000, show_default=True,
-              help="sequence: numbered writes to make.")
+@click.option("--count", type=click.IntRange(1), default=None,
+              help="sequence: numbered writes to make (default 1000); verify, load: IOs to "
+                   "make (default: until SIGTERM).")
 @click.option("--depth", type=click.IntRange(1), default=8, show_default=True,
-              help="sequence: writes outstanding at once.")
+              help="sequence, verify, load: IOs outstanding at once.")
 @click.option("--interval-ms", type=click.FloatRange(0), default=0.0, show_default=True,
               help="sequence: pause between two submissions.")
+@click.option("--read-pct", type=click.FloatRange(0, 100), default=50.0, show_default=True,
+              help="verify, load: share of reads among the IOs.")
+@click.option("--bs", type=click.IntRange(1), default=1, show_default=True,
+              help="load: blocks per IO.")
+@click.option("--window", type=click.IntRange(1), default=256, show_default=True,
+              help="verify: blocks of each disk (from LBA 0) the IOs go to.")
+@click.option("--progress-ms", type=click.FloatRange(10), default=1000.0, show_default=True,
+              help="verify, load: period of the progress events.")
 @click.option("--name", help="VM name (default: the firmware table's).")
 @click.option("--request-queues", type=click.IntRange(1, 16), default=2, show_default=True,
               help="Request virtqueues laid out at first boot.")
@@ -73,21 +82,25 @@ def _load_fwtable(path: Path | None) -> bytes | None:
               help="Commands outstanding at once (one data slot each).")
 @click.option("--slot-size", type=SIZE, default="64KiB", show_default=True,
               help="Largest transfer of one command.")
+@click.option("--journal-size", type=SIZE, default="1MiB", show_default=True,
+              help="Workload journal laid out at first boot (32 bytes an entry).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
 def vm_run(  # noqa: PLR0917 (click passes one argument per option)
     memory_file: Path, memory_size: int | None, socket_path: str | None,
     fwtable: Path | None, workload: str, restart: bool, paused: bool, start_timeout: float,
-    connect_timeout: float, command_timeout: float, spin_us: float, count: int, depth: int,
-    interval_ms: float, name: str | None, request_queues: int, queue_size: int, tags: int,
-    slot_size: int, log_format: str,
+    connect_timeout: float, command_timeout: float, spin_us: float, count: int | None,
+    depth: int, interval_ms: float, read_pct: float, bs: int, window: int,
+    progress_ms: float, name: str | None, request_queues: int, queue_size: int, tags: int,
+    slot_size: int, journal_size: int, log_format: str,
 ) -> None:
     """Run a VM: boot or resume its guest runtime, connect to its VF, scan, run a
-    workload (idle, selftest, sequence). The result is one JSON line on stdout."""
+    workload (idle, selftest, sequence, verify, load). The result is one JSON line on stdout."""
     size = memory_size if memory_size is not None else LayoutParams().memory_size
     try:
         params = LayoutParams(memory_size=size, request_queues=request_queues,
-                              queue_size=queue_size, tags=tags, slot_size=slot_size)
+                              queue_size=queue_size, tags=tags, slot_size=slot_size,
+                              journal_size=journal_size)
     except GuestLayoutError as exc:
         raise click.BadParameter(str(exc)) from None
     options = VmOptions(
@@ -95,7 +108,8 @@ def vm_run(  # noqa: PLR0917 (click passes one argument per option)
         fwtable=_load_fwtable(fwtable), workload=workload, restart=restart, paused=paused,
         start_timeout=start_timeout, connect_timeout=connect_timeout,
         command_timeout=command_timeout, spin_us=spin_us, count=count, depth=depth,
-        interval_ms=interval_ms, name=name, log_format=log_format, params=params)
+        interval_ms=interval_ms, read_pct=read_pct, bs=bs, window=window,
+        progress_ms=progress_ms, name=name, log_format=log_format, params=params)
     sys.exit(run_vm(options))
 
 

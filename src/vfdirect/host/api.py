@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vfdirect import __version__
 from vfdirect.core.array import ArrayModelError, LunKey
@@ -58,6 +59,9 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 }
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+#: The largest integer the inventory (SQLite, PostgreSQL BIGINT) can store: a larger one
+#: in a body or a query is refused (400) instead of overflowing in the database (500).
+INT64_MAX = (1 << 63) - 1
 
 
 # -- bodies ------------------------------------------------------------------------------
@@ -75,8 +79,8 @@ class ErrorBody(BaseModel):
 
 class LunCreate(BaseModel):
     array: str = Field(description="the array's WWN")
-    num_blocks: int = Field(ge=1)
-    block_size: int = 512
+    num_blocks: int = Field(ge=1, le=INT64_MAX)
+    block_size: int = Field(default=512, ge=1, le=INT64_MAX)
     lun: int | None = Field(default=None, ge=0, le=16383)
 
 
@@ -92,8 +96,8 @@ class LunOut(BaseModel):
 
 class DatastoreCreate(BaseModel):
     name: str = Field(pattern=NAME)
-    block_size: int = 512
-    chunk_blocks: int | None = Field(default=None, ge=1)
+    block_size: int = Field(default=512, ge=1, le=INT64_MAX)
+    chunk_blocks: int | None = Field(default=None, ge=1, le=INT64_MAX)
     luns: list[str] = Field(default_factory=list,
                             description="physical LUNs as '<array WWN>:<lun>'")
 
@@ -111,7 +115,7 @@ class DatastoreOut(BaseModel):
 class VdiskCreate(BaseModel):
     datastore: str
     name: str = Field(pattern=NAME)
-    capacity_blocks: int = Field(ge=1)
+    capacity_blocks: int = Field(ge=1, le=INT64_MAX)
     thin: bool = False
 
 
@@ -137,13 +141,18 @@ class VdiskOut(BaseModel):
     address: AddressOut | None
 
 
+WORKLOAD = r"^(idle|selftest|sequence|verify|load)$"
+
+
 class VmCreate(BaseModel):
     name: str = Field(pattern=NAME)
-    memory_bytes: int = Field(default=16 << 20, ge=1 << 20)
+    memory_bytes: int = Field(default=16 << 20, ge=1 << 20, le=INT64_MAX)
+    #: what ``start`` runs unless told otherwise (kept in the VM's spec file)
+    workload: str | None = Field(default=None, pattern=WORKLOAD)
 
 
 class VmStart(BaseModel):
-    workload: str | None = Field(default=None, pattern=r"^(idle|selftest|sequence)$")
+    workload: str | None = Field(default=None, pattern=WORKLOAD)
 
 
 class VmAttach(BaseModel):
@@ -171,6 +180,7 @@ class VmOut(BaseModel):
 
 class VmShowOut(BaseModel):
     vm: VmOut
+    workload: str
     disks: list[VdiskOut]
     vf_mapping: dict[str, Any] | None
     inventory_mapping: dict[str, Any] | None
@@ -259,6 +269,15 @@ def _error(code: ErrorCode, message: str) -> JSONResponse:
     return JSONResponse(status_code=HTTP_STATUS.get(code, 500), content=body.model_dump())
 
 
+#: The error code of a refusal by the framework itself (no route, no such method, a body
+#: that is not JSON): the HTTP status stays the framework's.
+FRAMEWORK_CODES: dict[int, ErrorCode] = {
+    400: ErrorCode.PARSE_ERROR,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_FOUND,
+}
+
+
 def _lun_key(text: str) -> LunKey:
     array, sep, lun = text.rpartition(":")
     if not sep or not lun.isdigit():
@@ -286,6 +305,14 @@ def create_app(service: HostService, *, on_stop: Callable[[bool], None]) -> Fast
     @app.exception_handler(HostError)
     async def _host_error(request: Request, exc: HostError) -> JSONResponse:
         return _error(exc.code, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = FRAMEWORK_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST)
+        body = ErrorBody(error=ErrorDetail(code=int(code), name=code.name,
+                                           message=str(exc.detail)))
+        return JSONResponse(status_code=exc.status_code, content=body.model_dump(),
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -317,8 +344,9 @@ def create_app(service: HostService, *, on_stop: Callable[[bool], None]) -> Fast
         return service.adapter_show()
 
     @app.get("/v1/events", tags=["host"])
-    def events(claim: str | None = None, vm: str | None = None, after: int = 0,
-               limit: int = 1000) -> list[EventOut]:
+    def events(claim: str | None = None, vm: str | None = None,
+               after: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
+               limit: Annotated[int, Query(ge=1, le=INT64_MAX)] = 1000) -> list[EventOut]:
         return [EventOut(id=e.id, at=e.at, kind=e.kind, claim=e.claim, host=e.host, vm=e.vm,
                          vdisk=e.vdisk, vport=e.vport, detail=dict(e.detail))
                 for e in service.inv.event_list(claim=claim, vm=vm, after_id=after,
@@ -377,12 +405,13 @@ def create_app(service: HostService, *, on_stop: Callable[[bool], None]) -> Fast
 
     @app.post("/v1/vms", status_code=201, tags=["vms"])
     def vm_create(body: VmCreate) -> VmOut:
-        return vm_out(service.vm_create(body.name, body.memory_bytes))
+        return vm_out(service.vm_create(body.name, body.memory_bytes, body.workload))
 
     @app.get("/v1/vms/{name}", tags=["vms"])
     def vm_show(name: str) -> VmShowOut:
         shown = service.vm_show(name)
-        return VmShowOut(vm=vm_out(shown["vm"]), disks=[vdisk_out(d) for d in shown["disks"]],
+        return VmShowOut(vm=vm_out(shown["vm"]), workload=shown["workload"],
+                         disks=[vdisk_out(d) for d in shown["disks"]],
                          vf_mapping=shown["vf_mapping"],
                          inventory_mapping=shown["inventory_mapping"],
                          fwtable=shown["fwtable"])

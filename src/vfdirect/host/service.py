@@ -18,6 +18,7 @@ Rules of this module:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from vfdirect.host.inventory import (
     VmView,
 )
 from vfdirect.host.log import log_event
-from vfdirect.host.vms import VmProcess, VmProcessError, is_vm_process
+from vfdirect.host.vms import WORKLOADS, VmProcess, VmProcessError, is_vm_process
 from vfdirect.storage import StorageArray, StorageError
 
 #: VM states in which the VM has a process on this host.
@@ -166,6 +167,14 @@ class HostService:
                 made = shell.lun_create(num_blocks, block_size, lun)
             except (StorageError, ValueError) as exc:
                 raise HostError(ErrorCode.INVALID_PARAMS, f"array {view.wwn}: {exc}") from None
+            except (OverflowError, OSError) as exc:
+                # a size past what a file can be (EFBIG, or beyond off_t): the array
+                # removed the file it began; nothing was made
+                if isinstance(exc, OSError) and exc.errno not in (errno.EFBIG, errno.EINVAL):
+                    raise
+                raise HostError(ErrorCode.INVALID_PARAMS,
+                                f"array {view.wwn}: {num_blocks} blocks of {block_size} "
+                                f"bytes is too large for a LUN file") from None
             self.inv.array_import(shell)
             self._pf("array_attach", lambda pf: pf.array_attach(shell.directory))
             log_event(self.log, "lun_create", lun=str(made.key), num_blocks=num_blocks,
@@ -242,11 +251,27 @@ class HostService:
 
     # -- VM lifecycle ----------------------------------------------------------------
 
-    def vm_create(self, name: str, memory_bytes: int) -> VmView:
+    def vm_create(self, name: str, memory_bytes: int, workload: str | None = None) -> VmView:
+        """Define a VM; ``workload`` (what ``vm start`` runs unless told otherwise) goes
+        to the VM's spec file in the run directory (the inventory has no column for it)."""
         with self._op():
+            if workload is not None and workload not in WORKLOADS:
+                raise HostError(ErrorCode.INVALID_PARAMS, f"unknown workload {workload!r}")
             view = self.inv.vm_create(name, memory_bytes=memory_bytes, host=self.name)
-            log_event(self.log, "vm_create", vm=name, memory_bytes=memory_bytes)
+            proc = self._vm_process(name)
+            if workload is not None:
+                proc.write_spec({"workload": workload})
+            else:
+                proc.remove_spec()  # of an earlier VM of that name
+            log_event(self.log, "vm_create", vm=name, memory_bytes=memory_bytes,
+                      workload=workload)
             return view
+
+    def vm_workload(self, name: str) -> str:
+        """What VM ``name`` runs when started without a workload."""
+        spec = self._vm_process(name).read_spec().get("workload")
+        return spec if isinstance(spec, str) and spec in WORKLOADS \
+            else self.config.vm_workload
 
     def vm_start(self, name: str, workload: str | None = None) -> VmView:
         with self._op():
@@ -259,7 +284,7 @@ class HostService:
             vf: int | None = None
             try:
                 pid = proc.spawn(memory_bytes=view.memory_bytes,
-                                 workload=workload or self.config.vm_workload)
+                                 workload=workload or self.vm_workload(name))
                 self.inv.vm_set_state(name, VmState.STARTING, pid=pid)
                 vf = self._vf_assign(name, pid)
                 self._mapping_load(name, vf)                     # claim A4
@@ -490,6 +515,7 @@ class HostService:
                 with contextlib.suppress(HostError):
                     self._pf("vport_delete", lambda pf: pf.vport_delete(wwpn))
             self.inv.vm_delete(name)
+            self._vm_process(name).remove_spec()
             self._vms.pop(name, None)
             log_event(self.log, "vm_delete", vm=name)
 
@@ -508,7 +534,8 @@ class HostService:
         except InventoryError:
             inventory_table = None
         fw = self._vm_process(name).dir / "fwtable.json"
-        return {"vm": view, "vf_mapping": table, "inventory_mapping": inventory_table,
+        return {"vm": view, "workload": self.vm_workload(name),
+                "vf_mapping": table, "inventory_mapping": inventory_table,
                 "fwtable": json.loads(fw.read_text()) if fw.exists() else None,
                 "disks": self.inv.vdisk_list(vm=name)}
 

@@ -27,6 +27,10 @@ from vfdirect.host.adapter_link import pid_alive
 CONSOLE_NAME = "console.log"
 MEMORY_NAME = "memory"
 FWTABLE_JSON_NAME = "fwtable.json"
+#: The host's VM spec (what the inventory has no column for: the workload).
+SPEC_NAME = "spec.json"
+#: What ``vm-run --workload`` accepts.
+WORKLOADS = ("idle", "selftest", "sequence", "verify", "load")
 #: Longest console read the API returns.
 CONSOLE_MAX_BYTES = 1 << 20
 
@@ -134,6 +138,24 @@ class VmProcess:
                     if isinstance(item, dict):
                         out.append(item)
         return out
+
+    def read_spec(self) -> dict[str, Any]:
+        """The VM's spec file (``{}`` if none or unreadable)."""
+        try:
+            spec = json.loads((self.dir / SPEC_NAME).read_text())
+        except (OSError, ValueError):
+            return {}
+        return spec if isinstance(spec, dict) else {}
+
+    def write_spec(self, spec: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / (SPEC_NAME + ".tmp")
+        tmp.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.dir / SPEC_NAME)
+
+    def remove_spec(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / SPEC_NAME).unlink()
 
     def console_offset(self) -> int:
         return self.console.stat().st_size if self.console.exists() else 0

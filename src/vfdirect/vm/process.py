@@ -42,6 +42,7 @@ from vfdirect.vm.frontend import ConnectError, Disconnected, VhostUserFrontend
 from vfdirect.vm.guest import BootError, Guest, boot_guest
 from vfdirect.vm.log import log_event, setup_logging
 from vfdirect.vm.scsi import DEFAULT_SPIN_S, ScsiHost
+from vfdirect.vm.verify import Load, Verify
 from vfdirect.vm.workload import Sequence, check_disks, selftest, settle_orphan
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "VmOptions", "run_vm"]
@@ -49,7 +50,7 @@ __all__ = ["EXIT_FAILED", "EXIT_OK", "VmOptions", "run_vm"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_ERROR = 2
-WORKLOADS = ("idle", "selftest", "sequence")
+WORKLOADS = ("idle", "selftest", "sequence", "verify", "load")
 
 
 @dataclass
@@ -65,9 +66,14 @@ class VmOptions:
     connect_timeout: float = 30.0
     command_timeout: float = 30.0
     spin_us: float = DEFAULT_SPIN_S * 1e6
-    count: int = 1000
+    #: sequence: writes (default 1000); verify, load: IOs (default: until SIGTERM)
+    count: int | None = None
     depth: int = 8
     interval_ms: float = 0.0
+    read_pct: float = 50.0
+    bs: int = 1
+    window: int = 256
+    progress_ms: float = 1000.0
     name: str | None = None
     log_format: str = "text"
     params: LayoutParams = field(default_factory=LayoutParams)
@@ -195,9 +201,18 @@ def _workload(options: VmOptions, guest: Guest, host: ScsiHost, table: FirmwareT
     if options.workload == "selftest":
         result = selftest(layer, vm=vm, generation=guest.boot_count)
     elif options.workload == "sequence":
-        result = Sequence(layer, guest.journal, vm=vm, count=options.count,
+        result = Sequence(layer, guest.journal, vm=vm, count=options.count or 1000,
                           depth=options.depth, interval=options.interval_ms / 1000,
                           in_device=in_device, should_stop=lambda: signals.stop).run()
+    elif options.workload == "verify":
+        result = Verify(layer, guest.journal, vm=vm, depth=options.depth,
+                        in_device=in_device, should_stop=lambda: signals.stop,
+                        count=options.count, read_pct=options.read_pct,
+                        window=options.window, progress=options.progress_ms / 1000).run()
+    elif options.workload == "load":
+        result = Load(layer, depth=options.depth, read_pct=options.read_pct, bs=options.bs,
+                      should_stop=lambda: signals.stop, count=options.count,
+                      progress=options.progress_ms / 1000).run()
     else:
         _result({"workload": "idle", "ok": True, **disks})
         while not signals.stop:

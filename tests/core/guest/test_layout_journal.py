@@ -130,6 +130,26 @@ def test_journal_records_and_reopens() -> None:
         again.entry(again.capacity)
 
 
+def test_journal_rewrite_and_clear_keep_a_prefix() -> None:
+    """The verify workload's checkpoint: entries rewritten in place, the rest cleared
+    from the last one down (the used entries stay a prefix at every step)."""
+    memory, addr, size = journal_memory()
+    journal = Journal.format(memory, addr, size, run_id=5)
+    for seq in range(10):
+        journal.record_pending(seq, target=0, lun=0, lba=seq, generation=1, crc=0)
+        journal.settle(seq, EntryState.ACKED)
+    journal.rewrite(0, EntryState.ACKED, target=0, lun=1, lba=7, generation=4, crc=9)
+    journal.rewrite(1, EntryState.FAILED, target=0, lun=1, lba=7, generation=5, crc=9)
+    with pytest.raises(JournalError):
+        journal.rewrite(2, EntryState.PENDING, target=0, lun=0, lba=0, generation=0, crc=0)
+    journal.clear_from(2)
+    entries = list(journal.entries())
+    assert [(e.state, e.lun, e.lba, e.generation) for e in entries] == [
+        (EntryState.ACKED, 1, 7, 4), (EntryState.FAILED, 1, 7, 5)]
+    assert journal.next_seq() == 2
+    journal.record_pending(2, target=0, lun=0, lba=3, generation=2, crc=0)
+
+
 def test_journal_open_refuses_garbage() -> None:
     memory, addr, size = journal_memory()
     with pytest.raises(JournalError, match="no journal"):

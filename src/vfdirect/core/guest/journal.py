@@ -12,7 +12,7 @@ Rules of this module:
   entry after a restart is resolved by the driver's request table: still in flight or
   done (its cookie is the journal's), or never sent (resubmit: the device never saw it);
 * a block written by the verifier describes itself (:func:`make_block`): magic, VM id,
-  LBA, generation, sequence number and a CRC-32 of the whole block, so
+  LBA, generation, sequence number and a CRC-32C (Castagnoli) of the whole block, so
   :func:`check_block` tells a stale, misplaced or torn block from the right one.
 
 Journal layout (``journal_addr``, little-endian)::
@@ -27,7 +27,7 @@ Journal layout (``journal_addr``, little-endian)::
 Block layout (big-endian, the first 48 bytes of the block; the rest is a pattern)::
 
     +0 8s magic b"VFDBLOCK"  +8 u64 VM id  +16 u64 LBA  +24 u64 generation  +32 u64 seq
-    +40 u32 CRC-32 of the block with this field zero   +44 u32 block size
+    +40 u32 CRC-32C of the block with this field zero   +44 u32 block size
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
+from vfdirect.core.crc32c import crc32c
 from vfdirect.core.virtio.memory import GuestMemory
 
 __all__ = [
@@ -170,6 +171,28 @@ class Journal:
                                f"{state.name}")
         self._memory.store_u32(addr, state)
 
+    def rewrite(self, seq: int, state: EntryState, *, target: int, lun: int, lba: int,
+                generation: int, crc: int) -> None:
+        """Overwrite a settled entry (a checkpoint of the verify workload): the state
+        word goes to FAILED first (a reader that finds the entry torn takes it as a
+        write of unknown outcome), then the fields, then ``state``."""
+        if state not in (EntryState.ACKED, EntryState.FAILED):
+            raise JournalError(f"journal entry {seq}: rewrite as {state.name}")
+        addr = self._entry_addr(seq)
+        if self._memory.load_u32(addr) != EntryState.EMPTY:
+            self._memory.store_u32(addr, EntryState.FAILED)
+        raw = _ENTRY.pack(0, lun, target, lba, generation, crc, seq)
+        self._memory.write(addr + 4, raw[4:])
+        self._memory.store_u32(addr, state)
+
+    def clear_from(self, start: int) -> None:
+        """Entries ``start..`` back to EMPTY, the last first (one aligned store each), so
+        that the used entries stay a prefix whenever the process is killed."""
+        for seq in range(self.capacity - 1, start - 1, -1):
+            addr = self._entry_addr(seq)
+            if self._memory.load_u32(addr) != EntryState.EMPTY:
+                self._memory.store_u32(addr, EntryState.EMPTY)
+
     def entries(self) -> Iterator[JournalEntry]:
         """Every used entry, in sequence order (stops at the first EMPTY one)."""
         for seq in range(self.capacity):
@@ -211,14 +234,14 @@ def vm_id_number(vm_id: str) -> int:
 
 
 def make_block(vm: int, lba: int, generation: int, seq: int, block_size: int) -> bytes:
-    """A block that names its VM, LBA, generation and sequence number, with a CRC-32."""
+    """A block that names its VM, LBA, generation and sequence number, with a CRC-32C."""
     if block_size < _BLOCK.size:
         raise ValueError(f"block size {block_size} < {_BLOCK.size}")
     seed = struct.pack(">QQQQ", vm, lba, generation, seq)
     pattern = hashlib.shake_128(seed).digest(block_size - _BLOCK.size)
     body = bytearray(_BLOCK.pack(BLOCK_MAGIC, vm, lba, generation, seq, 0, block_size))
     body += pattern
-    struct.pack_into(">I", body, 40, zlib.crc32(body))
+    struct.pack_into(">I", body, 40, crc32c(body))
     return bytes(body)
 
 
@@ -242,7 +265,7 @@ def check_block(data: bytes, *, vm: int, lba: int, block_size: int) -> BlockChec
                                                            else ""))
     zeroed = bytearray(data)
     struct.pack_into(">I", zeroed, 40, 0)
-    if zlib.crc32(zeroed) != crc or size != block_size:
+    if crc32c(zeroed) != crc or size != block_size:
         return BlockCheck(False, "checksum mismatch (torn or corrupt block)", b_vm, b_lba,
                           gen, seq)
     if b_vm != vm:
