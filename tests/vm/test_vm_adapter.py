@@ -11,12 +11,11 @@ import importlib.util
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import ARRAY_WWN, Daemon, make_san, vm_mapping
+from daemon_helpers import ARRAY_WWN, Daemon, vm_mapping
 from vm_helpers import VmProc, shm_path, unlink
 
 from vfdirect.adapter.pf_client import PfClient
@@ -36,35 +35,6 @@ pytestmark = pytest.mark.skipif(
 VPORT = Wwn.naa5(0x6301)
 VPORT_NN = Wwn.naa5(0x6302)
 TIMEOUT_S = 15.0
-
-
-@pytest.fixture
-def san(tmp_path: Path) -> StorageArray:
-    return make_san(tmp_path / "san")
-
-
-@pytest.fixture
-def adapter(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path / "host1")
-    try:
-        yield d.wait_ready()
-    finally:
-        d.stop()
-
-
-@pytest.fixture
-def vms() -> Iterator[list[VmProc]]:
-    started: list[VmProc] = []
-    yield started
-    for vm in started:
-        vm.stop()
-
-
-@pytest.fixture
-def memfile(request: pytest.FixtureRequest) -> Iterator[Path]:
-    path = shm_path(request.node.name[:40])
-    yield path
-    unlink(path)
 
 
 def prepare(pf: PfClient, san: StorageArray, masked: tuple[int, ...]) -> dict[str, Any]:

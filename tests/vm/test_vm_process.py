@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fake_backend import FakeVhostBackend
 from guest_device import make_lu
-from vm_helpers import VmProc, shm_path, unlink
+from vm_helpers import VmProc
 
 from vfdirect.core.guest.fwtable import FirmwareTable, FwDisk
 from vfdirect.core.guest.journal import EntryState, Journal
@@ -50,21 +50,6 @@ def backend(tmp_path: Path) -> Iterator[FakeVhostBackend]:
     yield b
     b.stop()
     assert not b.errors, b.errors
-
-
-@pytest.fixture
-def memfile(request: pytest.FixtureRequest) -> Iterator[Path]:
-    path = shm_path(request.node.name[:40])
-    yield path
-    unlink(path)
-
-
-@pytest.fixture
-def vms() -> Iterator[list[VmProc]]:
-    started: list[VmProc] = []
-    yield started
-    for vm in started:
-        vm.stop()
 
 
 def start(vms: list[VmProc], tmp: Path, name: str, *args: str) -> VmProc:

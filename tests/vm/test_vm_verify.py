@@ -8,13 +8,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_helpers import Daemon, make_san
+from daemon_helpers import Daemon
 from test_vm_adapter import _journal, assign, fwtable, prepare, wait_vf
-from vm_helpers import VmProc, shm_path, unlink
+from vm_helpers import VmProc
 
 from vfdirect.adapter.pf_client import PfClient
 from vfdirect.storage import StorageArray
@@ -24,35 +23,6 @@ pytestmark = pytest.mark.skipif(
     reason="the adapter's VF data path (vfdirect.adapter.vf) is missing")
 
 TIMEOUT_S = 15.0
-
-
-@pytest.fixture
-def san(tmp_path: Path) -> StorageArray:
-    return make_san(tmp_path / "san")
-
-
-@pytest.fixture
-def adapter(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path / "host1")
-    try:
-        yield d.wait_ready()
-    finally:
-        d.stop()
-
-
-@pytest.fixture
-def vms() -> Iterator[list[VmProc]]:
-    started: list[VmProc] = []
-    yield started
-    for vm in started:
-        vm.stop()
-
-
-@pytest.fixture
-def memfile(request: pytest.FixtureRequest) -> Iterator[Path]:
-    path = shm_path(request.node.name[:40])
-    yield path
-    unlink(path)
 
 
 def _progress(vm: VmProc) -> list[dict[str, object]]:
