@@ -16,7 +16,8 @@ cd "$here"
 venv="${VFDIRECT_VENV:-$here/.venv}"
 
 # Debian packages: the tools the tests drive (losetup lives in mount/util-linux).
-debian_packages=(python3 python3-venv python3-dev gcc util-linux mount e2fsprogs)
+debian_packages=(python3 python3-venv python3-dev gcc util-linux mount e2fsprogs fio qemu-utils libnbd-bin nbdkit
+                 qemu-system-x86 busybox-static cpio kmod zstd xz-utils chromium)
 
 log() { printf '[vfd.sh] %s\n' "$*" >&2; }
 

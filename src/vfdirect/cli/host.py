@@ -389,18 +389,35 @@ VM_COLUMNS = ("name", "host", "state", "pid", "vf", "vport", "vdisks")
 
 @vm.command("create")
 @click.argument("name")
-@click.option("--memory", type=SIZE, default="16MiB", show_default=True)
+@click.option("--memory", type=SIZE, default=None,
+              help="Guest memory  [default: 16MiB, 256MiB with --runtime qemu]")
 @click.option("--workload", type=click.Choice(WORKLOADS),
               help="What the VM runs when started (default: the host's --vm-workload).")
+@click.option("--runtime", type=click.Choice(("python", "qemu")), default="python",
+              show_default=True,
+              help="python: the vfdirect guest runtime; qemu: a QEMU process running a "
+                   "Linux kernel whose virtio-scsi driver uses the VF (docs/qemu-guest.md).")
+@click.option("--kernel", type=click.Path(dir_okay=False, path_type=Path),
+              help="QEMU VM: the kernel (default: the cached Debian kernel).")
+@click.option("--initrd", type=click.Path(dir_okay=False, path_type=Path),
+              help="QEMU VM: the initrd (default: scripts/mkinitramfs.sh's, built if missing).")
 @api_options
 def vm_create(  # noqa: PLR0917 (click passes one argument per option)
-    name: str, memory: int, workload: str | None, run_dir: Path | None,
+    name: str, memory: int | None, workload: str | None, runtime: str,
+    kernel: Path | None, initrd: Path | None, run_dir: Path | None,
     api_socket: Path | None, as_json: bool,
 ) -> None:
     """Define a VM on this host."""
+    if memory is None:
+        memory = (256 << 20) if runtime == "qemu" else (16 << 20)
     body: dict[str, Any] = {"name": name, "memory_bytes": memory}
     if workload is not None:
         body["workload"] = workload
+    if runtime != "python" or kernel is not None or initrd is not None:
+        body["runtime"] = runtime
+        for key, path in (("kernel", kernel), ("initrd", initrd)):
+            if path is not None:
+                body[key] = str(path.absolute())
     made = _call(run_dir, api_socket, lambda c: c.post("/v1/vms", body))
     _out(made if as_json else [made], as_json, VM_COLUMNS)
 
@@ -474,11 +491,119 @@ def vm_show(name: str, run_dir: Path | None, api_socket: Path | None, as_json: b
         return
     _out({**{k: v for k, v in shown["vm"].items() if k != "vdisks"},
           "workload": shown.get("workload")}, False)
+    qemu = shown.get("qemu")
+    if qemu:
+        result = qemu.get("last_result") or {}
+        _out({"qemu_accel": f"{qemu.get('accel') or '-'} ({qemu.get('accel_reason') or '-'})",
+              "qemu_kernel": qemu.get("kernel"), "qemu_initrd": qemu.get("initrd"),
+              "qemu_addresses": ",".join(qemu.get("addresses") or []) or "-",
+              "guest_result": "-" if not result else
+              f"ok={result.get('ok')} boot={result.get('boot', '-')} "
+              f"found={','.join(result.get('found') or []) or '-'}"}, False)
     click.echo("")
     click.echo(_table(_vdisk_rows(shown["disks"]), VDISK_COLUMNS))
     agree = shown["vf_mapping"] == shown["inventory_mapping"]
     click.echo(f"\nVF mapping: {'none' if shown['vf_mapping'] is None else 'loaded'}"
                f"{' (matches the inventory)' if shown['vf_mapping'] and agree else ''}")
+    exports = shown.get("exports") or []
+    if exports:
+        click.echo("\nNBD exports:")
+        click.echo(_table(exports, EXPORT_COLUMNS))
+    migrations = shown.get("migrations") or []
+    if migrations:
+        click.echo("\nMigrations (newest first):")
+        click.echo(_table([_migration_row(m) for m in migrations], MIGRATION_COLUMNS))
+
+
+MIGRATION_COLUMNS = ("id", "source", "destination", "outcome", "downtime_ms", "quiesce_ms",
+                     "drain_ms", "handoff_ms", "mediated_ms", "precopy_ms", "rounds",
+                     "outstanding", "stall_ms")
+
+
+def _ms(report: dict[str, Any], phase: str) -> str | None:
+    for name, ms in report.get("summary", []):
+        if name == phase and ms is not None:
+            return f"{ms:.1f}"
+    return None
+
+
+def _migration_row(m: dict[str, Any]) -> dict[str, Any]:
+    r = m.get("report") or {}
+    downtime = r.get("downtime_ns")
+    stall = r.get("worst_stall_ms")
+    return {"id": m["id"], "source": m["source"], "destination": m["destination"],
+            "outcome": m["outcome"],
+            "downtime_ms": None if downtime is None else f"{downtime / 1e6:.1f}",
+            **{f"{p}_ms": _ms(r, p) for p in ("quiesce", "drain", "handoff", "mediated",
+                                                "precopy")},
+            "rounds": len(r.get("precopy_rounds", [])),
+            "outstanding": r.get("outstanding_at_quiesce"),
+            "stall_ms": None if stall is None else f"{stall:.1f}"}
+
+
+@vm.command("migrate")
+@click.argument("name")
+@click.option("--to", "to", required=True, help="The destination host's name.")
+@click.option("--max-downtime", "max_downtime", type=click.IntRange(1, 600_000), default=300,
+              show_default=True, help="Downtime budget of stop-and-copy, in ms.")
+@click.option("--drain-timeout", "drain_timeout", type=click.IntRange(0, 600_000),
+              default=1000, show_default=True,
+              help="How long the VF may take to finish outstanding IO, in ms (then the "
+                   "rest is handed over to the mediated path).")
+@click.option("--max-rounds", type=click.IntRange(1, 1000), default=30, show_default=True,
+              help="Most pre-copy rounds.")
+@click.option("--no-wait", is_flag=True, help="Print the migration id and return.")
+@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
+              help="Give up following the migration after this many seconds.")
+@api_options
+def vm_migrate(  # noqa: PLR0917 (click passes one argument per option)
+    name: str, to: str, max_downtime: int, drain_timeout: int, max_rounds: int,
+    no_wait: bool, timeout_s: float, run_dir: Path | None, api_socket: Path | None,
+    as_json: bool,
+) -> None:
+    """Live-migrate a running VM to another host (claims B1-B7): quiesce its VF, hand the
+    queues to the mediated path, pre-copy its memory, switch over."""
+    body = {"to": to, "max_downtime_ms": max_downtime, "drain_timeout_ms": drain_timeout,
+            "max_rounds": max_rounds}
+    started = _call(run_dir, api_socket, lambda c: c.post(f"/v1/vms/{name}/migrate", body))
+    ident = started["migration"]
+    if no_wait:
+        _out(started if as_json else {"migration": ident}, as_json)
+        return
+    tty = sys.stderr.isatty() and not as_json
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        shown = _call(run_dir, api_socket, lambda c: c.get(f"/v1/migrations/{ident}"))
+        p = shown.get("progress") or {}
+        line = (f"{ident} {p.get('phase', shown['outcome'])}: round {p.get('round', 0)}, "
+                f"{p.get('bytes_sent', 0) / 2**20:.1f} MiB sent, "
+                f"dirty {p.get('dirty_pages', 0)} pages "
+                f"({p.get('dirty_rate_pps', 0.0):.0f}/s), "
+                f"outstanding IO {p.get('outstanding', 0)}, "
+                f"mediated {p.get('mediated_requests', 0)} requests")
+        if not as_json and line != last:
+            click.echo(("\r\x1b[K" if tty else "") + line, nl=not tty, err=True)
+            last = line
+        if shown["outcome"] != "running" or p.get("done"):
+            break
+        if time.monotonic() > deadline:
+            raise CliError(f"migration {ident} still runs after {timeout_s:g} s; follow it "
+                           f"with 'vfdirect vm show {name}'")
+        time.sleep(0.2)
+    if tty:
+        click.echo("", err=True)
+    if as_json:
+        _out(shown, True)
+    else:
+        row = _migration_row(shown)
+        _out(row, False)
+        report = shown.get("report") or {}
+        for phase, ms in report.get("summary", []):
+            click.echo(f"  {phase:<12} {'-' if ms is None else f'{ms:.1f}':>10} ms")
+        if shown["outcome"] != "committed":
+            error = (shown.get("report") or {}).get("error") or shown["outcome"]
+            raise CliError(f"migration {ident} {shown['outcome']}: {error}")
 
 
 @vm.command("attach")
@@ -504,6 +629,40 @@ def vm_detach(name: str, vdisk_name: str, run_dir: Path | None, api_socket: Path
     """Take a vdisk away from a VM; hot on a running VM."""
     _out(_call(run_dir, api_socket,
                lambda c: c.post(f"/v1/vms/{name}/detach", {"vdisk": vdisk_name})), as_json)
+
+
+EXPORT_COLUMNS = ("disk", "address", "uri")
+
+
+@vm.command("export")
+@click.argument("name")
+@click.argument("disk")
+@click.option("--unix", "unix_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Serve on this Unix socket.")
+@click.option("--port", type=click.IntRange(1, 65535), help="Serve on this loopback TCP port.")
+@click.option("--remove", is_flag=True, help="Stop exporting DISK (at every address).")
+@api_options
+def vm_export(*, name: str, disk: str, unix_path: Path | None, port: int | None,
+              remove: bool, run_dir: Path | None, api_socket: Path | None,
+              as_json: bool) -> None:
+    """Export DISK (sda, sdb... or target:lun) of VM NAME over NBD, served by the VM
+    through its VF; recorded in the VM's spec (kept across restarts and migrations)."""
+    if remove:
+        if unix_path is not None or port is not None:
+            raise CliError("--remove takes no --unix or --port")
+        gone = _call(run_dir, api_socket,
+                     lambda c: c.delete(f"/v1/vms/{name}/exports/{disk}"))
+        _out(gone, as_json, EXPORT_COLUMNS)
+        return
+    if (unix_path is None) == (port is None):
+        raise CliError("give one of --unix PATH or --port N")
+    body: dict[str, Any] = {"disk": disk}
+    if unix_path is not None:
+        body["unix"] = str(unix_path.absolute())
+    else:
+        body["port"] = port
+    made = _call(run_dir, api_socket, lambda c: c.post(f"/v1/vms/{name}/exports", body))
+    _out(made if as_json else [made], as_json, EXPORT_COLUMNS)
 
 
 @vm.command("console")

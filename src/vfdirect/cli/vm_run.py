@@ -86,16 +86,30 @@ def _load_fwtable(path: Path | None) -> bytes | None:
               help="Workload journal laid out at first boot (32 bytes an entry).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
+@click.option("--exports-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="idle: serve the NBD exports this JSON file lists (re-read on SIGHUP; "
+                   "see docs/nbd.md).")
+@click.option("--incoming", is_flag=True,
+              help="A migration's destination (needs --restart --paused): start before "
+                   "the memory is complete; the first SIGUSR1 boots, the second connects.")
+@click.option("--dirty-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Dirty map of the guest's own writes into its memory, for live "
+                   "migration: one byte per 4 KiB page (PageMarks), created zeroed if "
+                   "missing; every store marks its pages before and after.")
 def vm_run(  # noqa: PLR0917 (click passes one argument per option)
     memory_file: Path, memory_size: int | None, socket_path: str | None,
     fwtable: Path | None, workload: str, restart: bool, paused: bool, start_timeout: float,
     connect_timeout: float, command_timeout: float, spin_us: float, count: int | None,
     depth: int, interval_ms: float, read_pct: float, bs: int, window: int,
     progress_ms: float, name: str | None, request_queues: int, queue_size: int, tags: int,
-    slot_size: int, journal_size: int, log_format: str,
+    slot_size: int, journal_size: int, log_format: str, incoming: bool,
+    dirty_log: Path | None,
+    exports_file: Path | None,
 ) -> None:
     """Run a VM: boot or resume its guest runtime, connect to its VF, scan, run a
     workload (idle, selftest, sequence, verify, load). The result is one JSON line on stdout."""
+    if incoming and not (restart and paused):
+        raise click.UsageError("--incoming needs --restart and --paused")
     size = memory_size if memory_size is not None else LayoutParams().memory_size
     try:
         params = LayoutParams(memory_size=size, request_queues=request_queues,
@@ -109,7 +123,8 @@ def vm_run(  # noqa: PLR0917 (click passes one argument per option)
         start_timeout=start_timeout, connect_timeout=connect_timeout,
         command_timeout=command_timeout, spin_us=spin_us, count=count, depth=depth,
         interval_ms=interval_ms, read_pct=read_pct, bs=bs, window=window,
-        progress_ms=progress_ms, name=name, log_format=log_format, params=params)
+        progress_ms=progress_ms, name=name, log_format=log_format, params=params,
+        dirty_log=dirty_log, exports_file=exports_file, incoming=incoming)
     sys.exit(run_vm(options))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
@@ -29,10 +30,12 @@ from vfdirect.core.array import ArrayModelError, LunKey
 from vfdirect.core.ids import LunNumber
 from vfdirect.core.rpc import ErrorCode
 from vfdirect.core.wwn import Wwn, WwnError
+from vfdirect.host.dashboard import install as install_dashboard
 from vfdirect.host.inventory import (
     DatastoreView,
     InventoryError,
     LunView,
+    MigrationView,
     VdiskAddress,
     VdiskView,
     VmView,
@@ -149,6 +152,11 @@ class VmCreate(BaseModel):
     memory_bytes: int = Field(default=16 << 20, ge=1 << 20, le=INT64_MAX)
     #: what ``start`` runs unless told otherwise (kept in the VM's spec file)
     workload: str | None = Field(default=None, pattern=WORKLOAD)
+    #: ``qemu``: a QEMU process running a Linux kernel on the VF (host/qemu.py)
+    runtime: str = Field(default="python", pattern=r"^(python|qemu)$")
+    #: a QEMU VM's kernel and initrd on the host (default: the cached guest image)
+    kernel: str | None = Field(default=None, min_length=1, max_length=4096)
+    initrd: str | None = Field(default=None, min_length=1, max_length=4096)
 
 
 class VmStart(BaseModel):
@@ -165,6 +173,12 @@ class VmDetach(BaseModel):
     vdisk: str
 
 
+class VmExport(BaseModel):
+    disk: str = Field(description="sda, sdb... or target:lun")
+    unix: str | None = Field(default=None, description="absolute Unix socket path")
+    port: int | None = Field(default=None, ge=1, le=65535, description="loopback TCP port")
+
+
 class VmOut(BaseModel):
     name: str
     host: str | None
@@ -178,6 +192,19 @@ class VmOut(BaseModel):
     updated_at: datetime
 
 
+class MigrationOut(BaseModel):
+    id: str
+    vm: str
+    source: str | None
+    destination: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str
+    report: dict[str, Any]
+    detail: dict[str, Any]
+    progress: dict[str, Any] | None = None
+
+
 class VmShowOut(BaseModel):
     vm: VmOut
     workload: str
@@ -185,6 +212,12 @@ class VmShowOut(BaseModel):
     vf_mapping: dict[str, Any] | None
     inventory_mapping: dict[str, Any] | None
     fwtable: dict[str, Any] | None
+    #: the VM's latest live migrations, newest first (claim X4)
+    migrations: list[MigrationOut] = []
+    #: a QEMU VM's image, accelerator (kvm or tcg, and why) and last guest result
+    qemu: dict[str, Any] | None = None
+    #: the VM's NBD exports (docs/nbd.md)
+    exports: list[dict[str, Any]] = []
 
 
 class VportOut(BaseModel):
@@ -214,12 +247,33 @@ class EventOut(BaseModel):
     detail: dict[str, Any]
 
 
+class VmMigrate(BaseModel):
+    to: str = Field(min_length=1, max_length=64, description="the destination host")
+    max_downtime_ms: int = Field(default=300, ge=1, le=600_000)
+    drain_timeout_ms: int = Field(default=1000, ge=0, le=600_000)
+    max_rounds: int = Field(default=30, ge=1, le=1000)
+
+
+class MigrationIncoming(BaseModel):
+    migration: str = Field(min_length=1, max_length=64)
+    vm: str = Field(min_length=1, max_length=64)
+    source: str = Field(min_length=1, max_length=64)
+    source_port_name: str = Field(min_length=1, max_length=64)
+
+
 class HostStop(BaseModel):
     keep_running: bool = Field(
         default=False, description="leave the VMs and the adapter running (host restart)")
 
 
 # -- views -> bodies ---------------------------------------------------------------------
+
+
+def migration_out(v: MigrationView, progress: dict[str, Any] | None = None) -> MigrationOut:
+    return MigrationOut(id=v.id, vm=v.vm, source=v.source, destination=v.destination,
+                        started_at=v.started_at, finished_at=v.finished_at,
+                        outcome=v.outcome, report=dict(v.phases), detail=dict(v.detail),
+                        progress=progress)
 
 
 def lun_out(v: LunView) -> LunOut:
@@ -405,7 +459,10 @@ def create_app(service: HostService, *, on_stop: Callable[[bool], None]) -> Fast
 
     @app.post("/v1/vms", status_code=201, tags=["vms"])
     def vm_create(body: VmCreate) -> VmOut:
-        return vm_out(service.vm_create(body.name, body.memory_bytes, body.workload))
+        return vm_out(service.vm_create(
+            body.name, body.memory_bytes, body.workload, runtime=body.runtime,
+            kernel=None if body.kernel is None else Path(body.kernel),
+            initrd=None if body.initrd is None else Path(body.initrd)))
 
     @app.get("/v1/vms/{name}", tags=["vms"])
     def vm_show(name: str) -> VmShowOut:
@@ -414,7 +471,9 @@ def create_app(service: HostService, *, on_stop: Callable[[bool], None]) -> Fast
                          disks=[vdisk_out(d) for d in shown["disks"]],
                          vf_mapping=shown["vf_mapping"],
                          inventory_mapping=shown["inventory_mapping"],
-                         fwtable=shown["fwtable"])
+                         fwtable=shown["fwtable"],
+                         migrations=[migration_out(m) for m in shown["migrations"]],
+                         qemu=shown.get("qemu"), exports=shown.get("exports", []))
 
     @app.delete("/v1/vms/{name}", tags=["vms"])
     def vm_delete(name: str) -> dict[str, Any]:
@@ -445,6 +504,14 @@ def create_app(service: HostService, *, on_stop: Callable[[bool], None]) -> Fast
     def vm_detach(name: str, body: VmDetach) -> AddressOut:
         return address_out(service.vm_detach(name, body.vdisk))
 
+    @app.post("/v1/vms/{name}/exports", tags=["vms"])
+    def vm_export(name: str, body: VmExport) -> dict[str, Any]:
+        return dict(service.vm_export(name, body.disk, unix=body.unix, port=body.port))
+
+    @app.delete("/v1/vms/{name}/exports/{disk}", tags=["vms"])
+    def vm_unexport(name: str, disk: str) -> list[dict[str, Any]]:
+        return list(service.vm_export(name, disk, remove=True))
+
     @app.get("/v1/vms/{name}/console", response_class=PlainTextResponse, tags=["vms"])
     def vm_console(name: str) -> str:
         return service.vm_console(name)
@@ -460,6 +527,31 @@ def create_app(service: HostService, *, on_stop: Callable[[bool], None]) -> Fast
                              "layout": e.layout.dump()} for e in info.entries],
                 "physical_luns": [str(k) for k in info.physical_luns()]}
 
+    # -- live migration (claims B1-B7, X1-X5) -------------------------------------------
+
+    @app.post("/v1/vms/{name}/migrate", status_code=202, tags=["migration"])
+    def vm_migrate(name: str, body: VmMigrate) -> dict[str, Any]:
+        """Start a live migration; follow it with GET /v1/migrations/{id}."""
+        return service.vm_migrate(name, body.to, max_downtime_ms=body.max_downtime_ms,
+                                  drain_timeout_ms=body.drain_timeout_ms,
+                                  max_rounds=body.max_rounds)
+
+    @app.get("/v1/migrations", tags=["migration"])
+    def migration_list(vm: str | None = None,
+                       limit: int = Query(default=100, ge=1, le=1000)) -> list[MigrationOut]:
+        return [migration_out(v) for v in service.inv.migration_list(vm=vm, limit=limit)]
+
+    @app.get("/v1/migrations/{ident}", tags=["migration"])
+    def migration_show(ident: str) -> MigrationOut:
+        shown = service.migration_show(ident)
+        return migration_out(shown["migration"], shown["progress"])
+
+    @app.post("/v1/migrations/incoming", tags=["migration"])
+    def migration_incoming(body: MigrationIncoming) -> dict[str, Any]:
+        """Destination side of a migration's prepare step (called by the source host)."""
+        return service.migration_incoming(body.migration, body.vm, body.source,
+                                          body.source_port_name)
+
     # -- vports ------------------------------------------------------------------------
 
     @app.get("/v1/vports", tags=["vports"])
@@ -470,5 +562,9 @@ def create_app(service: HostService, *, on_stop: Callable[[bool], None]) -> Fast
     def vport_create(body: VportCreate) -> VportOut:
         return vport_out(service.vport_create(body.wwpn, body.wwnn, body.alternate_wwpn,
                                               body.vm))
+
+    # -- operator: /metrics, /dashboard, /v1/cluster, /v1/stream -----------------------
+
+    install_dashboard(app, service)
 
     return app

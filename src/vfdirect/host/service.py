@@ -22,6 +22,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 from collections.abc import Iterator
@@ -33,15 +34,26 @@ from vfdirect.adapter.pf_client import PfClient, PfError
 from vfdirect.core.guest.fwtable import FirmwareTable, FwDisk, encode_fwtable
 from vfdirect.core.rpc import ErrorCode
 from vfdirect.core.wwn import Wwn, WwnError
+from vfdirect.guestimage import GuestImageError
+from vfdirect.host import exports as nbd_exports
+from vfdirect.host import qemu as qemu_vms
 from vfdirect.host.adapter_link import AdapterLink
+from vfdirect.host.client import HostClient
 from vfdirect.host.inventory import (
     Inventory,
     InventoryError,
     MappingInfo,
+    VmRuntime,
     VmState,
     VmView,
 )
 from vfdirect.host.log import log_event
+from vfdirect.host.migration import (
+    IncomingMigration,
+    MigrateOptions,
+    MigrationFailed,
+    SourceMigration,
+)
 from vfdirect.host.vms import WORKLOADS, VmProcess, VmProcessError, is_vm_process
 from vfdirect.storage import StorageArray, StorageError
 
@@ -75,6 +87,8 @@ class HostConfig:
     vfs: int = 8
     log_format: str = "text"
     vm_workload: str = "idle"
+    #: where an incoming migration's stream listens (TCP)
+    migration_address: str = "127.0.0.1"
 
 
 class HostService:
@@ -89,6 +103,8 @@ class HostService:
         self.log = logger
         self._lock = threading.RLock()
         self._vms: dict[str, VmProcess] = {}
+        self._migrations: dict[str, SourceMigration] = {}
+        self._incoming: dict[str, IncomingMigration] = {}
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -113,7 +129,8 @@ class HostService:
     def _vm_process(self, name: str) -> VmProcess:
         proc = self._vms.get(name)
         if proc is None:
-            proc = VmProcess(self.config.run_dir, name)
+            # a QEMU VM (its spec says so, host/qemu.py) or a Python VM
+            proc = qemu_vms.vm_process(self.config.run_dir, name, self.log)
             self._vms[name] = proc
         return proc
 
@@ -251,16 +268,30 @@ class HostService:
 
     # -- VM lifecycle ----------------------------------------------------------------
 
-    def vm_create(self, name: str, memory_bytes: int, workload: str | None = None) -> VmView:
+    def vm_create(self, name: str, memory_bytes: int, workload: str | None = None, *,
+                  runtime: str = "python", kernel: Path | None = None,
+                  initrd: Path | None = None) -> VmView:
         """Define a VM; ``workload`` (what ``vm start`` runs unless told otherwise) goes
-        to the VM's spec file in the run directory (the inventory has no column for it)."""
+        to the VM's spec file in the run directory (the inventory has no column for it),
+        and so do a QEMU VM's kernel and initrd (``runtime="qemu"``, host/qemu.py)."""
+        try:  # before the lock: the default guest image may have to be built
+            runtime_spec = qemu_vms.runtime_spec(runtime, kernel, initrd)
+            if runtime_spec:
+                qemu_vms.check_memory(memory_bytes)
+        except qemu_vms.QemuError as exc:
+            raise HostError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+        except GuestImageError as exc:
+            raise HostError(ErrorCode.INTERNAL_ERROR, str(exc)) from None
         with self._op():
             if workload is not None and workload not in WORKLOADS:
                 raise HostError(ErrorCode.INVALID_PARAMS, f"unknown workload {workload!r}")
-            view = self.inv.vm_create(name, memory_bytes=memory_bytes, host=self.name)
-            proc = self._vm_process(name)
-            if workload is not None:
-                proc.write_spec({"workload": workload})
+            view = self.inv.vm_create(name, memory_bytes=memory_bytes, host=self.name,
+                                      runtime=VmRuntime(runtime))
+            self._vms.pop(name, None)
+            proc = VmProcess(self.config.run_dir, name)
+            spec = {**({} if workload is None else {"workload": workload}), **runtime_spec}
+            if spec:
+                proc.write_spec(spec)
             else:
                 proc.remove_spec()  # of an earlier VM of that name
             log_event(self.log, "vm_create", vm=name, memory_bytes=memory_bytes,
@@ -284,7 +315,8 @@ class HostService:
             vf: int | None = None
             try:
                 pid = proc.spawn(memory_bytes=view.memory_bytes,
-                                 workload=workload or self.vm_workload(name))
+                                 workload=workload or self.vm_workload(name),
+                                 extra_args=nbd_exports.spawn_args(proc))
                 self.inv.vm_set_state(name, VmState.STARTING, pid=pid)
                 vf = self._vf_assign(name, pid)
                 self._mapping_load(name, vf)                     # claim A4
@@ -537,7 +569,153 @@ class HostService:
         return {"vm": view, "workload": self.vm_workload(name),
                 "vf_mapping": table, "inventory_mapping": inventory_table,
                 "fwtable": json.loads(fw.read_text()) if fw.exists() else None,
-                "disks": self.inv.vdisk_list(vm=name)}
+                "disks": self.inv.vdisk_list(vm=name),
+                "migrations": self.inv.migration_list(vm=name, limit=20),
+                "exports": nbd_exports.list_exports(self._vm_process(name)),
+                "qemu": proc.runtime_info() if isinstance(
+                    proc := self._vm_process(name), qemu_vms.QemuVmProcess) else None}
+
+    # -- NBD exports (docs/nbd.md; the logic is in host/exports.py) ------------------
+
+    def vm_export(self, name: str, disk: str, *, unix: str | None = None,
+                  port: int | None = None, remove: bool = False) -> Any:
+        """Export ``disk`` of VM ``name`` over NBD (or stop exporting it: ``remove``)."""
+        with self._op():
+            view = self.inv.vm_get(name)
+            if view.state not in (VmState.RUNNING, VmState.DEFINED, VmState.STOPPED,
+                                  VmState.ERROR) or view.host not in (None, self.name):
+                raise HostError(ErrorCode.WRONG_STATE, f"VM {name!r} is {view.state.value}"
+                                f"{'' if view.host in (None, self.name) else ' elsewhere'}")
+            proc, running = self._vm_process(name), view.state == VmState.RUNNING
+            try:
+                if remove:
+                    return nbd_exports.remove_export(proc, disk, running=running)
+                return nbd_exports.add_export(proc, disk, unix=unix, port=port,
+                                              running=running)
+            except nbd_exports.ExportError as exc:
+                raise HostError(exc.code, str(exc)) from None
+
+    # -- live migration (SYSTEM.md 5) -------------------------------------------------
+
+    def vm_migrate(self, name: str, to: str, *, max_downtime_ms: int = 300,
+                   drain_timeout_ms: int = 1000, max_rounds: int = 30) -> dict[str, Any]:
+        """Start migrating running VM ``name`` to host ``to``; returns the migration's
+        id and progress at once (the phases run on a thread of this host)."""
+        with self._op():
+            view = self._vm(name)
+            if view.state is not VmState.RUNNING:
+                raise HostError(ErrorCode.WRONG_STATE,
+                                f"VM {name!r} is {view.state.value}; only a running VM "
+                                f"migrates")
+            if view.runtime is VmRuntime.QEMU:  # docs/qemu-guest.md
+                raise HostError(ErrorCode.WRONG_STATE,
+                                f"VM {name!r} is a QEMU VM; only Python VMs migrate")
+            if to == self.name:
+                raise HostError(ErrorCode.INVALID_PARAMS, f"VM {name!r} is on {to!r} already")
+            dest = self.inv.host_get(to)
+            if dest.state.value != "up":
+                raise HostError(ErrorCode.WRONG_STATE, f"host {to!r} is {dest.state.value}")
+            for mig in self._migrations.values():
+                if mig.vm == name and not mig.progress.done:
+                    raise HostError(ErrorCode.WRONG_STATE,
+                                    f"VM {name!r} is migrating ({mig.ident})")
+            options = MigrateOptions(max_downtime_ms=max_downtime_ms,
+                                     drain_timeout_ms=drain_timeout_ms, max_rounds=max_rounds)
+            ident = f"mig-{secrets.token_hex(5)}"
+            self.inv.vm_set_state(name, VmState.MIGRATING, expect=VmState.RUNNING)
+            try:
+                self.inv.migration_begin(ident, name, source=self.name, destination=to)
+            except InventoryError:
+                self.inv.vm_set_state(name, VmState.RUNNING)
+                raise
+            migration = SourceMigration(self, ident, name, to, options)
+            self._migrations[ident] = migration
+            migration.start()
+            log_event(self.log, "migration_start", migration=ident, vm=name, to=to,
+                      max_downtime_ms=max_downtime_ms, drain_timeout_ms=drain_timeout_ms)
+            return {"migration": ident, "vm": name, "source": self.name, "destination": to,
+                    "progress": migration.progress.dump()}
+
+    def migration_show(self, ident: str) -> dict[str, Any]:
+        """A migration's record; while this host runs it, with its live progress."""
+        view = self.inv.migration_get(ident)
+        live = self._migrations.get(ident)
+        return {"migration": view, "progress": None if live is None else live.progress.dump()}
+
+    def migration_incoming(self, ident: str, vm: str, source: str,
+                           source_port_name: str) -> dict[str, Any]:
+        """The destination's half of prepare: check, reserve a VF, log the vport's free
+        port name in (X3), listen for the stream."""
+        with self._op():
+            for inc in self._incoming.values():
+                if inc.vm == vm and not inc.done.is_set():
+                    raise HostError(ErrorCode.WRONG_STATE,
+                                    f"VM {vm!r} is being received already ({inc.ident})")
+            incoming = IncomingMigration(self, ident, vm, source=source,
+                                         source_port_name=source_port_name,
+                                         options=MigrateOptions())
+            try:
+                answer = incoming.prepare(self.config.migration_address)
+            except MigrationFailed as exc:
+                raise HostError(ErrorCode.WRONG_STATE, str(exc)) from None
+            self._incoming[ident] = incoming
+            log_event(self.log, "migration_incoming", migration=ident, vm=vm, source=source,
+                      vf=answer.get("vf"))
+            return answer
+
+    # the parts of a VM start a migration destination uses (claim B7)
+
+    def vm_process(self, name: str) -> VmProcess:
+        return self._vm_process(name)
+
+    def pf_call(self, what: str, fn: Any) -> Any:
+        return self._pf(what, fn)
+
+    def event(self, kind: str, claim: str | None, *, vm: str | None = None,
+              vport: str | None = None, **detail: Any) -> None:
+        self._event(kind, claim, vm=vm, vport=vport, **detail)
+
+    def peer(self, api_address: str) -> Any:
+        """A client of another host's API (its Unix socket on this machine)."""
+        return HostClient(api_address, timeout=60.0)
+
+    def check_luns_reachable(self, vm: str) -> None:
+        """Every array the VM's vdisks live on is attached to this host's adapter."""
+        info = self.inv.mapping_build(vm)
+        dump = self._pf("adapter_dump", lambda pf: pf.adapter_dump())
+        attached = {str(a.get("wwn")) for a in dump.get("arrays", [])}
+        for key in info.physical_luns():
+            if key.array.canonical() not in attached:
+                raise HostError(ErrorCode.WRONG_STATE,
+                                f"host {self.name!r} does not reach array "
+                                f"{key.array.canonical()} (LUN {int(key.lun)})")
+
+    def reserve_vf(self, vm: str) -> int:
+        """A free VF of this host, recorded for ``vm`` in the inventory (assigned to the
+        VM process once it exists)."""
+        held = {int(a.vf) for a in self.inv.vf_list(host=self.name)}
+        vfs = self._pf("vf_list", lambda pf: pf.vf_list())
+        free = [int(v["vf"]) for v in vfs if v["state"] == "IDLE" and int(v["vf"]) not in held]
+        if not free:
+            raise HostError(ErrorCode.RESOURCE_EXHAUSTED,
+                            f"VM {vm!r}: no free VF on host {self.name!r}")
+        self.inv.vf_assign(self.name, free[0], vm)
+        return free[0]
+
+    def ensure_vport(self, port: Any) -> None:
+        """The vport exists in this host's adapter."""
+        wwpn = port.wwpn.canonical()
+        existing = {v["wwpn"] for v in self._pf("adapter_dump",
+                                                lambda pf: pf.adapter_dump()).get("vports", [])}
+        if wwpn not in existing:
+            self._pf("vport_create", lambda pf: pf.vport_create(
+                port.wwpn, port.wwnn, alternate_wwpn=port.alternate_wwpn))
+
+    def load_mapping(self, vm: str, vf: int) -> None:
+        self._mapping_load(vm, vf)
+
+    def write_fwtable(self, vm: str, vf: int) -> None:
+        self._fwtable_write(vm, vf, self.inv.mapping_build(vm))
 
     # -- shutdown and reconciliation -------------------------------------------------
 

@@ -18,7 +18,11 @@ of :mod:`vfdirect.core.vhost.frontend` and :mod:`vfdirect.core.guest.frontend`):
 Reconnect rule: every vring's base is the ``used.idx`` found in guest memory (the back
 end completes every request it took before it drops a connection, so ``used.idx`` is
 the available index it must resume from). A fresh guest and a restarted VM process
-follow the same rule.
+follow the same rule. It holds only if the device side completed, in its used ring,
+everything it fetched: for a VM process started on a COPY of the memory (a migration's
+destination) the copy must be taken after the source VF was quiesced and drained (or
+after the mediated path finished what it fetched); requests published but never fetched
+are then fetched by the new VF from there, exactly once.
 
 Notifications: a kick is an 8-byte write of 1 to the vring's kick eventfd; the back
 end's used-buffer notifications arrive on the call eventfds (non-blocking), which

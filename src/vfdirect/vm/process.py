@@ -14,6 +14,21 @@ accepts the memory only from that pid):
    (``--socket``, else the table's ``vf_socket``), retrying until ``--connect-timeout``
    while the socket is absent or refuses, logs ``vm_connected`` and scans.
 
+Live migration (SYSTEM.md 5): with ``--dirty-log`` every store of the guest runtime into
+guest memory is marked in that byte map (see :mod:`vfdirect.vm.guest`), so the
+hypervisor can pre-copy the memory file while the VM runs; a process started with
+``--restart`` on a copy of the memory file (another host, another VF) carries on where
+the stopped one was, and logs ``vm_stall`` with the IO stall across the restart.
+
+``--incoming`` (with ``--restart --paused``; a migration's destination): the process
+starts before its memory has arrived, logs ``vm_incoming`` and waits for a first
+SIGUSR1 (the memory file is complete); then it boots on it as above (``vm_paused``) and
+waits for the second SIGUSR1.
+
+SIGUSR2 asks the process to stop itself (SIGSTOP) at its next safe point, where no store
+into guest memory is under way (``vm_pause_point`` is logged first; at most one poll
+round away: 50 ms for verify and load, 200 ms idle); SIGCONT continues it.
+
 Without ``--paused`` step 3 follows step 1 at once (the retries cover a VF assigned a
 little later). SIGTERM or SIGINT: stop submitting, wait (bounded) for what is in flight,
 close the connection, unmap; exit 0. The workload's one-line JSON result goes to stdout;
@@ -41,6 +56,7 @@ from vfdirect.vm.block import BlockLayer
 from vfdirect.vm.frontend import ConnectError, Disconnected, VhostUserFrontend
 from vfdirect.vm.guest import BootError, Guest, boot_guest
 from vfdirect.vm.log import log_event, setup_logging
+from vfdirect.vm.nbd import serve_exports
 from vfdirect.vm.scsi import DEFAULT_SPIN_S, ScsiHost
 from vfdirect.vm.verify import Load, Verify
 from vfdirect.vm.workload import Sequence, check_disks, selftest, settle_orphan
@@ -77,23 +93,59 @@ class VmOptions:
     name: str | None = None
     log_format: str = "text"
     params: LayoutParams = field(default_factory=LayoutParams)
+    #: the dirty map of the guest's writes (live migration), created if missing
+    dirty_log: Path | None = None
+    #: a migration's destination: wait for SIGUSR1 (the memory is complete) before boot
+    incoming: bool = False
+    #: NBD exports to serve (idle workload), re-read on SIGHUP (see vfdirect.vm.nbd)
+    exports_file: Path | None = None
 
 
 class _Signals:
     def __init__(self) -> None:
         self.stop = False
         self.go = False
+        self.hup = False
+        self.pause = False
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGUSR1, self._go)
+        signal.signal(signal.SIGUSR2, self._pause)
+
+    def _pause(self, signum: int, frame: FrameType | None) -> None:
+        self.pause = True
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop = True
 
     def _go(self, signum: int, frame: FrameType | None) -> None:
         self.go = True
+
+    def install_hup(self) -> None:
+        signal.signal(signal.SIGHUP, self._hup)
+
+    def _hup(self, signum: int, frame: FrameType | None) -> None:
+        self.hup = True
+
+    def take_hup(self) -> bool:
+        hup, self.hup = self.hup, False
+        return hup
+
+
+def _pause_point(signals: _Signals, log: logging.Logger) -> None:
+    """A pause requested by SIGUSR2 happens here, where no store into guest memory (nor
+    its dirty-log marks) is under way: the process stops itself (SIGSTOP) and goes on
+    at SIGCONT. A migration stops the VM this way before its last dirty-page round:
+    an asynchronous SIGSTOP could land between a store and its second mark after the
+    hypervisor cleared the first one (see core/migration/dirty.py)."""
+    if not signals.pause:
+        return
+    signals.pause = False
+    log_event(log, "vm_pause_point", pid=os.getpid())
+    os.kill(os.getpid(), signal.SIGSTOP)
+    log_event(log, "vm_continued", pid=os.getpid())
 
 
 def _result(data: dict[str, Any]) -> None:
@@ -106,10 +158,27 @@ def run_vm(options: VmOptions) -> int:
     log = setup_logging(options.log_format)
     signals = _Signals()
     signals.install()
+    if options.exports_file is not None:
+        signals.install_hup()  # SIGHUP: re-read the NBD exports
+    if options.incoming:
+        # a migration's destination: started before its memory arrives; SIGUSR1 says
+        # the memory file is complete (a second SIGUSR1 later lets it connect)
+        log_event(log, "vm_incoming", pid=os.getpid(), memory_file=str(options.memory_file))
+        deadline = time.monotonic() + options.start_timeout
+        while not signals.go and not signals.stop:
+            if time.monotonic() >= deadline:
+                log_event(log, "vm_start_timeout", level=logging.ERROR,
+                          reason="the incoming memory was not declared complete")
+                return EXIT_ERROR
+            time.sleep(0.005)
+        if signals.stop:
+            log_event(log, "vm_stopped", reason="signal while waiting for the memory")
+            return EXIT_OK
+        signals.go = False
     try:
         guest = boot_guest(options.memory_file, memory_size=options.memory_size,
                            params=options.params, fwtable=options.fwtable,
-                           restart=options.restart)
+                           restart=options.restart, dirty_log=options.dirty_log)
     except BootError as exc:
         log_event(log, "vm_boot_failed", level=logging.ERROR, error=str(exc))
         return EXIT_ERROR
@@ -122,7 +191,9 @@ def run_vm(options: VmOptions) -> int:
 def _run(options: VmOptions, guest: Guest, signals: _Signals, log: logging.Logger) -> int:
     driver = guest.driver
     log_event(log, "vm_booted", pid=os.getpid(), memory_file=str(options.memory_file),
-              restart=options.restart, boot_count=guest.boot_count, created=guest.created,
+              restart=options.restart,
+              dirty_log=None if options.dirty_log is None else str(options.dirty_log),
+              boot_count=guest.boot_count, created=guest.created,
               recovered=len(driver.recovered), unsent=len(driver.unsent),
               layout=guest.layout.describe())
     if options.fwtable is not None and not guest.fwtable_written:
@@ -135,6 +206,7 @@ def _run(options: VmOptions, guest: Guest, signals: _Signals, log: logging.Logge
         log_event(log, "vm_paused", pid=os.getpid())
         deadline = time.monotonic() + options.start_timeout
         while not signals.go and not signals.stop:
+            _pause_point(signals, log)
             if time.monotonic() >= deadline:
                 log_event(log, "vm_start_timeout", level=logging.ERROR)
                 return EXIT_ERROR
@@ -151,6 +223,7 @@ def _run(options: VmOptions, guest: Guest, signals: _Signals, log: logging.Logge
         return EXIT_ERROR
     # Cookies of commands the device already has (before the first poll consumes them).
     in_device = set(driver.recovered.values())
+    in_flight = len(driver.recovered)
     frontend = VhostUserFrontend(socket_path)
 
     def stopping() -> bool:
@@ -172,6 +245,7 @@ def _run(options: VmOptions, guest: Guest, signals: _Signals, log: logging.Logge
         host = ScsiHost(guest, frontend, spin_s=options.spin_us / 1e6,
                         command_timeout=options.command_timeout, logger=log)
         host.on_orphan = lambda completion: settle_orphan(guest.journal, completion)
+        host.safe_point = lambda: _pause_point(signals, log)
 
         def reconnect() -> None:
             frontend.connect(guest, deadline=time.monotonic() + options.connect_timeout,
@@ -180,7 +254,7 @@ def _run(options: VmOptions, guest: Guest, signals: _Signals, log: logging.Logge
         host.reconnect = reconnect
         try:
             return _workload(options, guest, host, table, in_device=in_device,
-                             signals=signals, log=log)
+                             in_flight=in_flight, signals=signals, log=log)
         except (ConnectError, Disconnected) as exc:
             log_event(log, "vm_vf_lost", level=logging.ERROR, error=str(exc))
             return EXIT_ERROR
@@ -190,7 +264,8 @@ def _run(options: VmOptions, guest: Guest, signals: _Signals, log: logging.Logge
 
 
 def _workload(options: VmOptions, guest: Guest, host: ScsiHost, table: FirmwareTable | None,
-              *, in_device: set[int], signals: _Signals, log: logging.Logger) -> int:
+              *, in_device: set[int], signals: _Signals, log: logging.Logger,
+              in_flight: int = 0) -> int:
     layer = BlockLayer(host, table, logger=log)
     layer.scan()
     disks = check_disks(layer)
@@ -215,12 +290,19 @@ def _workload(options: VmOptions, guest: Guest, host: ScsiHost, table: FirmwareT
                       progress=options.progress_ms / 1000).run()
     else:
         _result({"workload": "idle", "ok": True, **disks})
+        if options.exports_file is not None:
+            serve_exports(layer, options.exports_file, should_stop=lambda: signals.stop,
+                          take_reload=signals.take_hup, logger=log)
         while not signals.stop:
             layer.poll(0.2)
         _drain(layer)
         return EXIT_OK
     result.update({"vm": vm_name, "boot_count": guest.boot_count,
-                   "completed": host.completed})
+                   "completed": host.completed,
+                   # requests the previous process left in the device, completed here
+                   "in_flight_at_start": in_flight,
+                   "recovered_completions": host.orphans,
+                   "unsent_at_start": len(guest.driver.unsent)})
     _drain(layer)
     _result(result)
     return EXIT_OK if result.get("ok") else EXIT_FAILED

@@ -13,7 +13,15 @@ the clock, and the wait loop.
   again; the vrings resume at ``used.idx`` and the commands still published are served;
 * completions of commands submitted by a killed earlier process (``recovered``) have no
   callback here: they go to ``on_orphan`` (the workload resolves them with its journal).
-  Every completion's tag is released after its callback ran.
+  Every completion's tag is released after its callback ran;
+* the worst IO stall (:class:`~vfdirect.core.guest.stall.StallMeter`): every reap that
+  completes something stores the wall-clock time in the guest's stall clock (guest
+  memory, so the next process on this memory measures the stall across a restart and
+  logs it as ``vm_stall``);
+* :attr:`ScsiHost.safe_point` runs at the top of every poll round: no store into guest
+  memory is under way there (every store, and its dirty-log marks, happens inside a
+  driver, journal or header call that has returned), so the VM process may stop itself
+  there for a migration's stop-and-copy (``vm-run``: SIGUSR2).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from vfdirect.core.guest.stall import StallMeter
 from vfdirect.core.guest.virtscsi import AbortOutcome, Completion, ScsiEvent
 from vfdirect.core.virtio.scsi import TaskAttribute
 from vfdirect.vm.frontend import Disconnected, VhostUserFrontend
@@ -45,7 +54,8 @@ class ScsiHost:
     def __init__(self, guest: Guest, frontend: VhostUserFrontend, *,
                  clock: Callable[[], float] = time.monotonic, spin_s: float = DEFAULT_SPIN_S,
                  command_timeout: float | None = None,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 wall_clock: Callable[[], int] = time.time_ns) -> None:
         self.guest = guest
         self.driver = guest.driver
         self.frontend = frontend
@@ -62,8 +72,25 @@ class ScsiHost:
         #: It reconnects (the front end's reconnect rule resumes every vring at used.idx)
         #: or raises.
         self.reconnect: Callable[[], None] | None = None
+        #: Called where the VM may stop (no store in progress): see the module.
+        self.safe_point: Callable[[], None] = lambda: None
         self.completed = 0
+        #: completions of commands an earlier process submitted (``recovered``)
+        self.orphans = 0
         self.reconnects = 0
+        self._wall = wall_clock
+        #: the worst IO stall; its first gap starts at the stall clock found in memory
+        self.stall = StallMeter(guest.last_completion_ns())
+
+    def max_stall_ms(self) -> float:
+        """The longest gap with IO outstanding and nothing completed, the open one
+        included (ms)."""
+        worst = self.stall.worst_ns(self._wall() if self.driver.outstanding else None)
+        return round(worst / 1e6, 3)
+
+    def stall_report(self) -> dict[str, float | None]:
+        return {"max_stall_ms": self.max_stall_ms(),
+                "restart_stall_ms": StallMeter.ms(self.stall.restart_stall_ns)}
 
     @property
     def outstanding(self) -> int:
@@ -78,8 +105,11 @@ class ScsiHost:
                task_attr: int = TaskAttribute.SIMPLE, kick: bool = True) -> int:
         """Queue one command; ``callback(completion)`` runs from :meth:`poll`. Raises
         ``QueueFullError`` (TagsExhausted included) when the guest is at its depth."""
+        before = self.driver.outstanding
         tag = self.driver.submit(target, lun, cdb, data_out=data_out, data_in=data_in,
                                  cookie=cookie, task_attr=task_attr, now=self._clock())
+        if before == 0:
+            self.stall.submitted(self._wall(), before)
         self._callbacks[tag] = callback
         if kick:
             self.flush_kicks()
@@ -94,11 +124,14 @@ class ScsiHost:
 
     def _reap(self) -> int:
         completions = self.driver.poll()
+        if completions:
+            self._completed_at(self._wall())
         failed: Exception | None = None
         for completion in completions:
             callback = self._callbacks.pop(completion.tag, None)
             try:
                 if callback is None:
+                    self.orphans += 1
                     self.on_orphan(completion)
                 else:
                     callback(completion)
@@ -119,6 +152,15 @@ class ScsiHost:
         self.flush_kicks()  # event buffers re-posted
         return len(completions)
 
+    def _completed_at(self, now_ns: int) -> None:
+        across = self.stall.completed(now_ns, self.driver.outstanding)
+        self.guest.set_last_completion_ns(now_ns)
+        if across is not None:
+            log_event(self._log, "vm_stall", stall_ms=StallMeter.ms(across),
+                      boot_count=self.guest.boot_count,
+                      last_completion_before_ns=now_ns - across, first_completion_ns=now_ns,
+                      note="the IO stall across the restart of the VM process")
+
     def _expire(self) -> None:
         aborted = self.driver.expire(self._clock())
         for tag in aborted:
@@ -130,6 +172,7 @@ class ScsiHost:
     def poll(self, timeout: float = 0.0) -> int:
         """Reap and run callbacks; wait up to ``timeout`` seconds for a first completion
         (busy-poll, then sleep). Returns the number of completions handled."""
+        self.safe_point()
         self._expire()
         done = self._reap()
         if done or timeout <= 0:
@@ -150,6 +193,7 @@ class ScsiHost:
             # Re-check after draining: a notification consumed above is not lost.
             if driver.pending_used():
                 return self._reap()
+            self.safe_point()
             deadline = driver.next_deadline()
             wait = end - now if deadline is None else max(0.0, min(end, deadline) - now)
             try:

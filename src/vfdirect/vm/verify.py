@@ -28,6 +28,12 @@ and ``load`` (a random read/write mix with IOPS and latency).
     Random ``bs``-block reads and writes (``read_pct`` % reads) over whole disks,
     ``depth`` at once, until SIGTERM or ``count`` IOs; ``load_progress`` events with the
     interval's IOPS and latencies, a result with totals and percentiles.
+
+Both report ``max_stall_ms``, the worst IO stall the guest saw (the longest gap with IO
+outstanding and nothing completed, across a restart of the VM process too: see
+:mod:`vfdirect.core.guest.stall`), in their progress events and result; the result also
+has ``restart_stall_ms`` (the gap across the restart this process resumed from, or
+null).
 """
 
 from __future__ import annotations
@@ -301,7 +307,8 @@ class Verify:
     def counters(self) -> dict[str, Any]:
         return {"writes": self.writes, "reads": self.reads, "verified": self.verified,
                 "errors": self.mismatches + self.io_errors, "mismatches": self.mismatches,
-                "io_errors": self.io_errors, "outstanding": self.outstanding}
+                "io_errors": self.io_errors, "outstanding": self.outstanding,
+                "max_stall_ms": self.layer.host.max_stall_ms()}
 
     def run(self) -> dict[str, Any]:
         if not self.disks:
@@ -349,7 +356,8 @@ class Verify:
                 "resubmitted_unsent": self.resubmitted, "unresolved": len(self.awaiting),
                 "journal": self.journal.summary(), "journal_full": self.journal_full,
                 "checkpoints": self.checkpoints,
-                "stopped": self.should_stop(), "error_details": self.details}
+                "stopped": self.should_stop(), "error_details": self.details,
+                **self.layer.host.stall_report()}
 
     def _drain(self) -> None:
         deadline = self.clock() + _DRAIN_S
@@ -446,6 +454,7 @@ class Load:
                 log_event(_log, "load_progress", iops=round(len(self._window) /
                                                             (now - window_start), 1),
                           reads=self.reads, writes=self.writes, errors=self.errors,
+                          max_stall_ms=self.layer.host.max_stall_ms(),
                           **self._lat(self._window))
                 self._window = []
                 window_start = now
@@ -462,4 +471,5 @@ class Load:
                 "read_latency": self._lat(self.latencies["read"]),
                 "write_latency": self._lat(self.latencies["write"]),
                 "latency": self._lat(self.latencies["read"] + self.latencies["write"]),
-                "stopped": self.should_stop(), "error_details": self.details}
+                "stopped": self.should_stop(), "error_details": self.details,
+                **self.layer.host.stall_report()}

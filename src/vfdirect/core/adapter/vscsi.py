@@ -39,12 +39,12 @@ Rules of this module:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 
 from vfdirect.core.adapter.mapping import MappingTable
 from vfdirect.core.ids import TargetId
-from vfdirect.core.scsi import Status, Target
+from vfdirect.core.scsi import ScsiResult, Status, Target
 from vfdirect.core.vhost.messages import ProtocolFeature
 from vfdirect.core.vhost.session import BackendConfig
 from vfdirect.core.virtio.features import VirtioFeature, bit, mask
@@ -74,15 +74,22 @@ from vfdirect.core.wwn import Wwn
 
 __all__ = [
     "CommandOutcome",
+    "CommandRequest",
     "ControlOutcome",
     "LunInfo",
     "RequestFault",
     "VscsiSettings",
+    "answer_command",
+    "complete_command",
     "event_bytes",
     "execute_command",
     "execute_control",
+    "execute_control_for",
+    "parse_command",
     "rescan_events",
+    "segment_views",
     "tmf_response",
+    "tmf_response_for",
     "visible_luns",
 ]
 
@@ -167,17 +174,21 @@ class CommandOutcome:
     cdb0: int = -1
 
 
-def _views_from(memory: GuestMemory, segments: tuple[Segment, ...],
-                skip: int) -> list[memoryview]:
-    """Zero-copy views of ``segments`` after their first ``skip`` bytes."""
-    out: list[memoryview] = []
+def _segments_from(segments: tuple[Segment, ...], skip: int) -> tuple[Segment, ...]:
+    """``segments`` after their first ``skip`` bytes."""
+    out: list[Segment] = []
     for seg in segments:
         if skip >= seg.length:
             skip -= seg.length
             continue
-        out.extend(memory.views(seg.gpa + skip, seg.length - skip))
+        out.append(Segment(seg.gpa + skip, seg.length - skip))
         skip = 0
-    return out
+    return tuple(out)
+
+
+def segment_views(memory: GuestMemory, segments: tuple[Segment, ...]) -> list[memoryview]:
+    """Zero-copy views of ``segments`` of guest memory."""
+    return [v for seg in segments for v in memory.views(seg.gpa, seg.length)]
 
 
 def _lun8(field: bytes) -> bytes:
@@ -185,9 +196,48 @@ def _lun8(field: bytes) -> bytes:
     return field[2:8] + b"\x00\x00"
 
 
-def execute_command(chain: DescriptorChain, memory: GuestMemory,
-                    targets: Mapping[TargetId, Target], settings: VscsiSettings) -> CommandOutcome:
-    """Execute one ``virtio_scsi_req_cmd`` chain and write its response (5.6.6.1)."""
+@dataclass(frozen=True, slots=True)
+class CommandRequest:
+    """A ``virtio_scsi_req_cmd`` chain, framing checked and header copied and decoded:
+    what the VF (and the hypervisor's mediated path) executes."""
+
+    head: int
+    header: ScsiRequestHeader
+    #: the device-readable data buffers (after the request header)
+    data_out: tuple[Segment, ...]
+    #: the device-writable data buffers (after the response header)
+    data_in: tuple[Segment, ...]
+    #: the response header's place: the first bytes of the device-writable part
+    response_area: tuple[Segment, ...]
+
+    @property
+    def target(self) -> int | None:
+        """The target byte of the LUN field (None: not the single-level format)."""
+        lun = self.header.lun
+        return lun[1] if lun[0] == 1 else None
+
+    @property
+    def lun8(self) -> bytes:
+        """The SAM 8-byte LUN of the LUN field."""
+        return _lun8(self.header.lun)
+
+    @property
+    def data_out_length(self) -> int:
+        return sum(s.length for s in self.data_out)
+
+    @property
+    def data_in_length(self) -> int:
+        return sum(s.length for s in self.data_in)
+
+    @property
+    def capacity(self) -> int:
+        """Data-out plus data-in bytes (the residual of a request not executed)."""
+        return self.data_out_length + self.data_in_length
+
+
+def parse_command(chain: DescriptorChain, memory: GuestMemory,
+                  settings: VscsiSettings) -> CommandRequest:
+    """Check the framing of a command chain and copy its header out (5.6.6.1)."""
     hdr_size = settings.request_header_size
     resp_size = settings.response_header_size
     if chain.readable_length < hdr_size:
@@ -201,32 +251,61 @@ def execute_command(chain: DescriptorChain, memory: GuestMemory,
         header = ScsiRequestHeader.decode(raw, settings.cdb_size)
     except VirtioScsiError as exc:  # cannot happen with hdr_size bytes; stays typed
         raise RequestFault(f"head {chain.head}: {exc}") from exc
-    data_out = _views_from(memory, chain.readable, hdr_size)
-    data_in = _views_from(memory, chain.writable, resp_size)
-    capacity = (chain.readable_length - hdr_size) + (chain.writable_length - resp_size)
-    lun = header.lun
-    cdb0 = header.cdb[0]
-    target = targets.get(TargetId(lun[1])) if lun[0] == 1 else None
-    if target is None:
-        resp = ScsiResponseHeader(response=_R.BAD_TARGET, resid=capacity)
-        chain.write(memory, resp.encode(settings.sense_size))
-        return CommandOutcome(resp_size, int(_R.BAD_TARGET), 0, None, 0, 0,
-                              lun[1] if lun[0] == 1 else -1, cdb0)
-    result = target.execute_lun_bytes(_lun8(lun), header.cdb, data_out, data_in)
+    data_in = _segments_from(chain.writable, resp_size)
+    response_area: list[Segment] = []
+    left = resp_size
+    for seg in chain.writable:
+        if left <= 0:
+            break
+        response_area.append(Segment(seg.gpa, min(seg.length, left)))
+        left -= seg.length
+    return CommandRequest(chain.head, header, _segments_from(chain.readable, hdr_size),
+                          data_in, tuple(response_area))
+
+
+def answer_command(chain: DescriptorChain, memory: GuestMemory, settings: VscsiSettings,
+                   request: CommandRequest, response: int) -> CommandOutcome:
+    """Answer a request that was not executed (BAD_TARGET, OVERRUN, TRANSPORT_FAILURE,
+    ...): nothing transferred, the whole data capacity is residual."""
+    resp = ScsiResponseHeader(response=_R(response), resid=min(request.capacity, 0xFFFFFFFF))
+    chain.write(memory, resp.encode(settings.sense_size))
+    target = request.target
+    return CommandOutcome(settings.response_header_size, int(response), 0, None, 0, 0,
+                          -1 if target is None else target, request.header.cdb[0])
+
+
+def complete_command(chain: DescriptorChain, memory: GuestMemory, settings: VscsiSettings,
+                     request: CommandRequest, result: ScsiResult) -> CommandOutcome:
+    """Write the response of an executed request (an overrun result is answered
+    VIRTIO_SCSI_S_OVERRUN, 5.6.6.1)."""
     if result.overrun:
         # 5.6.6.1: "VIRTIO_SCSI_S_OVERRUN if the content of the CDB requires more data
         # than is available in the datain and dataout buffers"; nothing was transferred.
-        resp = ScsiResponseHeader(response=_R.OVERRUN, resid=capacity)
-        chain.write(memory, resp.encode(settings.sense_size))
-        return CommandOutcome(resp_size, int(_R.OVERRUN), 0, None, 0, 0, lun[1], cdb0)
+        return answer_command(chain, memory, settings, request, int(_R.OVERRUN))
     sense = result.sense[:settings.sense_size]
     resp = ScsiResponseHeader(response=_R.OK, status=int(result.status), sense=sense,
                               resid=min(result.residual, 0xFFFFFFFF))
     chain.write(memory, resp.encode(settings.sense_size))
     key = sense[2] & 0x0F if result.status == Status.CHECK_CONDITION and len(sense) > 2 \
         else None
-    return CommandOutcome(resp_size + result.data_in_len, int(_R.OK), int(result.status), key,
-                          result.data_in_len, result.data_out_len, lun[1], cdb0)
+    target = request.target
+    return CommandOutcome(settings.response_header_size + result.data_in_len, int(_R.OK),
+                          int(result.status), key, result.data_in_len, result.data_out_len,
+                          -1 if target is None else target, request.header.cdb[0])
+
+
+def execute_command(chain: DescriptorChain, memory: GuestMemory,
+                    targets: Mapping[TargetId, Target], settings: VscsiSettings) -> CommandOutcome:
+    """Execute one ``virtio_scsi_req_cmd`` chain and write its response (5.6.6.1)."""
+    request = parse_command(chain, memory, settings)
+    number = request.target
+    target = targets.get(TargetId(number)) if number is not None else None
+    if target is None:
+        return answer_command(chain, memory, settings, request, int(_R.BAD_TARGET))
+    result = target.execute_lun_bytes(request.lun8, request.header.cdb,
+                                      segment_views(memory, request.data_out),
+                                      segment_views(memory, request.data_in))
+    return complete_command(chain, memory, settings, request, result)
 
 
 # -- control queue ----------------------------------------------------------------------
@@ -253,12 +332,25 @@ def tmf_response(request: CtrlTmfRequest, targets: Mapping[TargetId, Target]) ->
     target = targets.get(TargetId(lun[1])) if lun[0] == 1 else None
     if target is None:
         return int(_R.BAD_TARGET)
+    return _tmf_on_target(request, lambda number: target.lu(number) is not None)
+
+
+def tmf_response_for(request: CtrlTmfRequest, addresses: Collection[tuple[int, int]]) -> int:
+    """:func:`tmf_response` for a device that knows its (target, LUN) addresses, not
+    their SCSI targets (the hypervisor's mediated path, from the VF's mapping)."""
+    lun = request.lun
+    if lun[0] != 1 or not any(t == lun[1] for t, _ in addresses):
+        return int(_R.BAD_TARGET)
+    return _tmf_on_target(request, lambda number: (lun[1], number) in addresses)
+
+
+def _tmf_on_target(request: CtrlTmfRequest, has_lu: Callable[[int], bool]) -> int:
     subtype = request.subtype
     if subtype == TmfSubtype.I_T_NEXUS_RESET:
         return int(_R.FUNCTION_COMPLETE)
     if subtype in _LU_TMFS:
-        number = _lun_number(lun)
-        if number is None or target.lu(number) is None:
+        number = _lun_number(request.lun)
+        if number is None or not has_lu(number):
             return int(_R.INCORRECT_LUN)
         # SAM-5: ABORT TASK / ABORT TASK SET / CLEAR TASK SET / LOGICAL UNIT RESET with
         # nothing to act on, and QUERY TASK (SET) finding no task: FUNCTION COMPLETE.
@@ -282,6 +374,17 @@ def _lun_number(field: bytes) -> int | None:
 def execute_control(chain: DescriptorChain, memory: GuestMemory,
                     targets: Mapping[TargetId, Target]) -> ControlOutcome:
     """Answer one control queue request (5.6.6.2)."""
+    return _execute_control(chain, memory, lambda tmf: tmf_response(tmf, targets))
+
+
+def execute_control_for(chain: DescriptorChain, memory: GuestMemory,
+                        addresses: Collection[tuple[int, int]]) -> ControlOutcome:
+    """:func:`execute_control` for a device that knows its (target, LUN) addresses."""
+    return _execute_control(chain, memory, lambda tmf: tmf_response_for(tmf, addresses))
+
+
+def _execute_control(chain: DescriptorChain, memory: GuestMemory,
+                     answer: Callable[[CtrlTmfRequest], int]) -> ControlOutcome:
     head = chain.read(memory, 0, 4)
     if len(head) < 4:
         raise RequestFault(f"head {chain.head}: control request shorter than its type field")
@@ -295,7 +398,7 @@ def execute_control(chain: DescriptorChain, memory: GuestMemory,
             tmf = CtrlTmfRequest.decode(chain.read(memory, 0, CtrlTmfRequest.SIZE))
         except VirtioScsiError as exc:
             raise RequestFault(f"head {chain.head}: {exc}") from exc
-        response = tmf_response(tmf, targets)
+        response = answer(tmf)
         written = chain.write(memory, CtrlTmfResponse(response).encode())
         return ControlOutcome(written, "tmf", response, tmf.subtype)
     if kind in (ControlType.AN_QUERY, ControlType.AN_SUBSCRIBE):

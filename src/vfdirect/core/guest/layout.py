@@ -38,6 +38,13 @@ Guest header (page 1, little-endian)::
     +0x20 u64 journal size
     +0x28 u16 max indirect    +0x2A u16 reserved  +0x2C u32 CRC-32 of bytes 0x00-0x2B
     +0x30 u32 boot count      +0x34 u32 reserved
+    ---- outside the checksummed header (added compatibly: version stays 1) ----
+    +0x40 u64 stall clock: wall-clock time (ns since the epoch) of the last IO
+              completion the guest saw, 0 if none; the workloads keep it, so a VM
+              process started on this memory (``--restart``, a migration's
+              destination) measures the IO stall across the restart. Zeroed at cold
+              boot; a memory laid out by an older version reads 0 here (page 1 was
+              zero beyond the header) and just reports no stall across its restart.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ __all__ = [
     "HEADER_ADDR",
     "PAGE",
     "REQUEST_ENTRY_BYTES",
+    "STALL_CLOCK_OFFSET",
     "GuestLayout",
     "GuestLayoutError",
     "LayoutParams",
@@ -74,6 +82,8 @@ _PARAMS = struct.Struct("<IHHQHHHHIIQHH")  # magic .. reserved (0x00-0x2B)
 _HEADER_BYTES = 0x38
 _CRC_OFFSET = 0x2C
 BOOT_COUNT_OFFSET = 0x30
+#: Offset in the guest header page of the stall clock (u64, see the module's map).
+STALL_CLOCK_OFFSET = 0x40
 MAX_TAGS = 1024
 MAX_REQUEST_QUEUES = 16
 #: A request chain has at most four buffers (request header, data-out, response header,

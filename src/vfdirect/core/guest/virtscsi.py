@@ -35,6 +35,14 @@ Rules of this module:
 * events (5.6.6.3): TRANSPORT_RESET with RESCAN/REMOVED, PARAM_CHANGE and the
   EVENTS_MISSED flag are surfaced through :meth:`~VirtioScsiDriver.take_events`; the block
   layer rescans;
+* live migration (:mod:`.marking`): over a :class:`~.marking.MarkedMemory` every store
+  of the driver is marked in the dirty map, before and after: stores through the memory
+  object by the wrapper, stores through the cached views (request table, vrings) by
+  marking the whole metadata area ``[request table, data pool)`` around each operation
+  that may store (:meth:`submit`, :meth:`publish`, :meth:`poll`, :meth:`release`,
+  :meth:`expire`, creation and attachment), and the data-out bytes of :meth:`submit` by
+  marking their slot; the device's writes (responses, data-in, used rings) are not
+  marked: the hypervisor tracks those;
 * the device is the peer: a used element naming an unknown tag, or a tag in another
   vring, raises :class:`~vfdirect.core.virtio.errors.DeviceProtocolError`; a response
   header that does not decode completes the command with response FAILURE.
@@ -48,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vfdirect.core.guest.layout import REQUEST_ENTRY_BYTES, GuestLayout
+from vfdirect.core.guest.marking import mark_of
 from vfdirect.core.guest.requests import (
     MAX_CDB_SIZE,
     MAX_SENSE_SIZE,
@@ -174,6 +183,8 @@ class VirtioScsiDriver:
         self._memory = memory
         self._layout = layout
         self._rings = rings
+        self._mark = mark_of(memory)
+        self._meta = (layout.request_table_addr, layout.data_addr - layout.request_table_addr)
         self._table = RequestTable(memory, layout)
         self._slot_size = layout.params.slot_size
         self._data = memory.view(layout.data_addr, layout.params.tags * self._slot_size)
@@ -207,11 +218,13 @@ class VirtioScsiDriver:
         buffers (the device may take them once it runs)."""
         rings = [SplitQueueDriver.create(memory, q, barrier=barrier) for q in layout.queues]
         driver = cls(memory, layout, rings, _token=_CONSTRUCT)
+        driver._dirty()
         driver._table.clear()
         driver._free.extend(range(layout.params.tags))
         for index in range(layout.params.event_queue_size):
             driver._post_event_buffer(index)
         driver._publish_ring(EVENTQ)
+        driver._dirty()
         return driver
 
     @classmethod
@@ -219,6 +232,10 @@ class VirtioScsiDriver:
                barrier: Callable[[], None] | None = None) -> VirtioScsiDriver:
         """A restarted process: attach to the rings and the request table and reconcile
         them (see the module rules)."""
+        mark = mark_of(memory)
+        meta = (layout.request_table_addr, layout.data_addr - layout.request_table_addr)
+        if mark is not None:
+            mark(*meta)  # attaching a ring may roll an interrupted publish forward
         rings = []
         for index, expected in enumerate(layout.queues):
             ring = SplitQueueDriver.attach(memory, expected.ctl_addr, barrier=barrier)
@@ -228,7 +245,14 @@ class VirtioScsiDriver:
             rings.append(ring)
         driver = cls(memory, layout, rings, _token=_CONSTRUCT)
         driver._reconcile()
+        driver._dirty()
         return driver
+
+    def _dirty(self) -> None:
+        """Mark the metadata area (request table, vrings, indirect tables, event buffers)
+        in the dirty map: before and after every operation that may store into it."""
+        if self._mark is not None:
+            self._mark(*self._meta)
 
     def _reconcile(self) -> None:
         table = self._table
@@ -418,6 +442,7 @@ class VirtioScsiDriver:
         chosen = self._choose_vring(vring, 1 if self._indirect else descriptors)
         if not self._free:
             raise TagsExhausted(f"all {self._table.tags} tags are in use")
+        self._dirty()
         tag = self._free.popleft()
         generation = (self._table.generation(tag) + 1) & 0xFFFFFFFF
         scsi_tag = generation << 16 | tag
@@ -426,7 +451,11 @@ class VirtioScsiDriver:
         slot = self._layout.slot(tag)
         if n_out:
             start = tag * self._slot_size
+            if self._mark is not None:
+                self._mark(slot, n_out)
             self._data[start:start + n_out] = data_out
+            if self._mark is not None:
+                self._mark(slot, n_out)
         flags = (ReqFlag.DATA_OUT if n_out else ReqFlag(0)) | (
             ReqFlag.DATA_IN if data_in else ReqFlag(0))
         self._table.prepare(tag, vring=chosen, scsi_tag=scsi_tag, cookie=cookie,
@@ -445,7 +474,8 @@ class VirtioScsiDriver:
         self._staged.setdefault(chosen, []).append(tag)
         self._deadlines[tag] = now + (self.command_timeout if timeout is None else timeout)
         if publish:
-            self.publish()
+            self._publish()  # inside this operation's marks
+        self._dirty()
         return tag
 
     def _choose_vring(self, wanted: int | None, need: int) -> int:
@@ -465,6 +495,13 @@ class VirtioScsiDriver:
     def publish(self) -> None:
         """Publish every staged command (one avail.idx store per vring), then mark them
         SUBMITTED."""
+        if not self._staged:
+            return
+        self._dirty()
+        self._publish()
+        self._dirty()
+
+    def _publish(self) -> None:
         for vring, tags in self._staged.items():
             if self._rings[vring].publish():
                 self._kicks.add(vring)
@@ -487,6 +524,9 @@ class VirtioScsiDriver:
     def poll(self) -> list[Completion]:
         """Reap every vring: completions of commands (in used-ring order per queue),
         ABORT TASK outcomes (:meth:`take_aborts`) and events (:meth:`take_events`)."""
+        if not self._recovered_done and not self.pending_used():
+            return []  # nothing to reap: nothing is stored
+        self._dirty()
         out = [self._completion(tag) for tag in self._recovered_done]
         self._recovered_done.clear()
         table = self._table
@@ -508,6 +548,7 @@ class VirtioScsiDriver:
                 out.append(self._completion(tag, entry))
         self._reap_control()
         self._reap_events()
+        self._dirty()
         return out
 
     def _completion(self, tag: int, entry: RequestEntry | None = None) -> Completion:
@@ -544,12 +585,14 @@ class VirtioScsiDriver:
             raise VirtqueueUsageError(f"tag {tag} is {ReqState(state).name}, not DONE")
         if self.recovered:
             self.recovered.pop(tag, None)
+        self._dirty()
         flags = self._table.flags(tag)
         if flags & ReqFlag.ABORT_POSTED:
             self._table.set_flags(tag, flags | ReqFlag.RELEASED)
-            return
-        self._table.commit(tag, ReqState.FREE)
-        self._free.append(tag)
+        else:
+            self._table.commit(tag, ReqState.FREE)
+            self._free.append(tag)
+        self._dirty()
 
     # -- timeouts and ABORT TASK ----------------------------------------------------------
 
@@ -569,6 +612,8 @@ class VirtioScsiDriver:
             if deadline is None:
                 self._deadlines[tag] = now + self.command_timeout
             elif now >= deadline:
+                if not aborted:
+                    self._dirty()
                 try:
                     self._post_abort(tag)
                 except QueueFullError:
@@ -577,6 +622,7 @@ class VirtioScsiDriver:
                 aborted.append(tag)
         if aborted:
             self._publish_ring(CONTROLQ)
+            self._dirty()
         return aborted
 
     def _post_abort(self, tag: int) -> None:

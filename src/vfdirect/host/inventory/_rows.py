@@ -29,6 +29,7 @@ from vfdirect.host.inventory.views import (
     LunView,
     MappingEntry,
     MappingInfo,
+    MigrationView,
     VdiskAddress,
     VdiskView,
     VmRuntime,
@@ -282,3 +283,11 @@ def vport_view(s: Session, p: m.Vport) -> VportView:
 def event_view(e: m.Event) -> EventView:
     return EventView(e.id, e.at, e.kind, e.claim, e.host, e.vm, e.vdisk, e.vport, e.migration,
                      dict(e.detail))
+
+
+def migration_view(s: Session, r: m.MigrationRecord) -> MigrationView:
+    src = None if r.source_host_id is None else s.get_one(m.Host, r.source_host_id).name
+    dst = None if r.destination_host_id is None else \
+        s.get_one(m.Host, r.destination_host_id).name
+    return MigrationView(r.id, r.vm_name, src, dst, r.started_at, r.finished_at, r.outcome,
+                         dict(r.phases), dict(r.detail))

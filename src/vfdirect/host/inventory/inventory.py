@@ -85,6 +85,8 @@ from vfdirect.host.inventory.views import (
     HostView,
     LunView,
     MappingInfo,
+    MigrationOutcome,
+    MigrationView,
     VdiskAddress,
     VdiskView,
     VfAssignmentView,
@@ -1050,6 +1052,75 @@ class Inventory:
             if vm is not None:
                 q = q.where(m.Event.vm == vm)
             return tuple(rows.event_view(e) for e in s.scalars(q))
+
+        return self._read(op)
+
+    # -- migrations (claim X4) ----------------------------------------------------------------
+
+    def migration_begin(self, ident: str, vm: str, *, source: str,
+                        destination: str) -> MigrationView:
+        """Record a migration of ``vm`` from ``source`` to ``destination`` (running)."""
+        _check_name(ident, "migration id")
+
+        def op(s: Session) -> MigrationView:
+            vm_row = rows.vm(s, vm)
+            src, dst = rows.host(s, source), rows.host(s, destination)
+            if s.get(m.MigrationRecord, ident) is not None:
+                raise ConflictError(f"migration {ident!r} exists")
+            row = m.MigrationRecord(id=ident, vm_id=vm_row.id, vm_name=vm,
+                                    source_host_id=src.id, destination_host_id=dst.id,
+                                    started_at=self._now(), finished_at=None, phases={},
+                                    outcome=MigrationOutcome.RUNNING.value, detail={})
+            s.add(row)
+            s.flush()
+            self._event(s, "migration_begin", vm=vm, host=source, migration=ident,
+                        detail={"to": destination})
+            return rows.migration_view(s, row)
+
+        return self._write(op)
+
+    def migration_update(self, ident: str, *, phases: dict[str, Any] | None = None,
+                         detail: dict[str, Any] | None = None,
+                         outcome: MigrationOutcome | None = None) -> MigrationView:
+        """Replace the report (``phases``), merge ``detail``; a final ``outcome`` sets
+        the finish time."""
+        def op(s: Session) -> MigrationView:
+            row = s.get(m.MigrationRecord, ident)
+            if row is None:
+                raise NotFoundError(f"no migration {ident!r}")
+            if phases is not None:
+                row.phases = dict(phases)
+            if detail:
+                row.detail = {**row.detail, **detail}
+            if outcome is not None:
+                row.outcome = outcome.value
+                if outcome is not MigrationOutcome.RUNNING:
+                    row.finished_at = self._now()
+                    self._event(s, f"migration_{outcome.value}", vm=row.vm_name,
+                                migration=ident, detail={})
+            s.flush()
+            return rows.migration_view(s, row)
+
+        return self._write(op)
+
+    def migration_get(self, ident: str) -> MigrationView:
+        def op(s: Session) -> MigrationView:
+            row = s.get(m.MigrationRecord, ident)
+            if row is None:
+                raise NotFoundError(f"no migration {ident!r}")
+            return rows.migration_view(s, row)
+
+        return self._read(op)
+
+    def migration_list(self, *, vm: str | None = None,
+                       limit: int = 100) -> tuple[MigrationView, ...]:
+        """Newest first."""
+        def op(s: Session) -> tuple[MigrationView, ...]:
+            q = select(m.MigrationRecord).order_by(m.MigrationRecord.started_at.desc(),
+                                                   m.MigrationRecord.id).limit(limit)
+            if vm is not None:
+                q = q.where(m.MigrationRecord.vm_name == vm)
+            return tuple(rows.migration_view(s, r) for r in s.scalars(q))
 
         return self._read(op)
 

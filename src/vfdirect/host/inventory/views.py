@@ -238,6 +238,21 @@ class MappingInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class MigrationView:
+    """One live migration (claim X4): its hosts, outcome and per-phase report."""
+
+    id: str
+    vm: str
+    source: str | None
+    destination: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str
+    phases: Mapping[str, Any]
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class EventView:
     id: int
     at: datetime

@@ -1,0 +1,138 @@
+"""Live migration between two real hosts (two ``vfdirect host`` daemons, each with its
+own adapter, one shared inventory, one SAN and fabric) under the ``verify`` workload:
+claims B1-B7 and X1-X4 through the CLI and the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from host_helpers import ARRAY_WWN, Host
+
+from vfdirect.storage import StorageArray
+
+A = ARRAY_WWN.canonical()
+pytestmark = pytest.mark.timeout(600)
+
+
+def _console(h: Host, name: str) -> list[dict[str, Any]]:
+    out = []
+    path = h.run_dir / "vms" / name / "console.log"
+    if not path.exists():
+        return out
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line being written
+    return out
+
+
+def _progress(h: Host, name: str) -> dict[str, Any]:
+    events = [e for e in _console(h, name) if e.get("event") == "verify_progress"]
+    return events[-1] if events else {"writes": 0, "reads": 0, "verified": 0, "errors": 0}
+
+
+def _wait_progress(h: Host, name: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Progress lines of the VM's current process on ``h`` show more writes and reads."""
+    deadline = time.monotonic() + timeout
+    first = len(_console(h, name))
+    while True:
+        new = [e for e in _console(h, name)[first:] if e.get("event") == "verify_progress"]
+        if len(new) >= 2 and new[-1]["writes"] > new[0]["writes"] and \
+                new[-1]["verified"] > new[0]["verified"]:
+            return new[-1]
+        assert time.monotonic() < deadline, f"no verify progress on {h.name}"
+        time.sleep(0.1)
+
+
+def _result(h: Host, name: str) -> dict[str, Any]:
+    results = [e for e in _console(h, name) if e.get("workload") == "verify"
+               and "ok" in e]
+    assert results, f"no verify result in {name}'s console on {h.name}"
+    return results[-1]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, san: StorageArray, hosts: list[Host]) -> tuple[Host, Host]:
+    db = str(tmp_path / "cluster.db")
+    h1 = Host(tmp_path / "run1", "h1", arrays=(san.directory,), db=db)
+    h2 = Host(tmp_path / "run2", "h2", arrays=(san.directory,), db=db)
+    hosts += [h1, h2]
+    h1.start()
+    h2.start()
+    h1.cli("datastore", "create", "ds0", "--lun", f"{A}:0", "--lun", f"{A}:1",
+           "--chunk-blocks", "64")
+    h1.cli("vdisk", "create", "d1", "--datastore", "ds0", "--blocks", "256")
+    h1.cli("vdisk", "create", "d2", "--datastore", "ds0", "--blocks", "256")
+    return h1, h2
+
+
+def _start_verify_vm(h: Host, name: str = "vm1") -> dict[str, Any]:
+    h.cli("vm", "create", name, "--workload", "verify")
+    h.cli("vm", "attach", name, "d1")
+    h.cli("vm", "attach", name, "d2")
+    vm: dict[str, Any] = h.cli_json("vm", "start", name)
+    _wait_progress(h, name)
+    return vm
+
+
+def _migrate(src: Host, dst: Host, name: str = "vm1", *extra: str) -> dict[str, Any]:
+    shown: dict[str, Any] = src.cli_json("vm", "migrate", name, "--to", dst.name, *extra)
+    return shown
+
+
+def test_claim_B7_vm_moves_to_the_destination_and_continues_its_io(
+        cluster: tuple[Host, Host]) -> None:
+    h1, h2 = cluster
+    vm = _start_verify_vm(h1)
+    old_pid = int(vm["pid"])
+    shown = _migrate(h1, h2)
+    assert shown["outcome"] == "committed", shown
+    report = shown["report"]
+    # X4: every phase timed, the outstanding IO at quiesce counted
+    phases = {name for name, _ in report["summary"]}
+    assert {"prepare", "quiesce", "drain", "handoff", "mediated", "precopy", "stop_copy",
+            "destination", "commit"} <= phases, phases
+    assert report["downtime_ns"] > 0
+    assert report["outstanding_at_quiesce"] is not None
+    # B7: the destination's VF serves the VM; the source let go of everything
+    on2 = h2.cli_json("vm", "show", "vm1")
+    assert on2["vm"]["host"] == "h2" and on2["vm"]["state"] == "running"
+    assert on2["vf_mapping"] is not None and on2["vf_mapping"] == on2["inventory_mapping"]
+    assert not Path(f"/proc/{old_pid}").exists() or \
+        "Z" in Path(f"/proc/{old_pid}/stat").read_text().rsplit(")", 1)[-1][:3]
+    after = _wait_progress(h2, "vm1")
+    assert after["errors"] == 0, after
+    adapter1 = h1.cli_json("adapter", "show")
+    assert all(v.get("vm") != "vm1" for v in adapter1.get("vfs", [])), adapter1
+    # the record is in the inventory and shown by vm show (X4)
+    assert on2["migrations"][0]["id"] == shown["id"]
+    h2.cli("vm", "stop", "vm1")
+    result = _result(h2, "vm1")
+    assert result["ok"] and result["errors"] == 0, result
+
+
+def test_ping_pong_migrations_under_verify_lose_nothing(cluster: tuple[Host, Host]) -> None:
+    h1, h2 = cluster
+    _start_verify_vm(h1)
+    count = int(os.environ.get("VFDIRECT_PINGPONG", "50"))
+    pair = [(h1, h2), (h2, h1)]
+    outstanding = []
+    for i in range(count):
+        src, dst = pair[i % 2]
+        shown = _migrate(src, dst)
+        assert shown["outcome"] == "committed", (i, shown)
+        outstanding.append(shown["report"]["outstanding_at_quiesce"])
+        _wait_progress(dst, "vm1")
+    last = pair[(count - 1) % 2][1]
+    last.cli("vm", "stop", "vm1")
+    result = _result(last, "vm1")
+    assert result["ok"] and result["errors"] == 0 and result.get("mismatches", 0) == 0, result
+    print(f"{count} migrations; requests waiting or in flight at quiesce: "
+          f"{sum(outstanding)} total, max {max(outstanding)}")
