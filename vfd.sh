@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # vfdirect: set up this machine and run the main job or the test suite.
 #
-#   ./vfd.sh demo [ARGS...]   set up, then run the main job
+#   ./vfd.sh demo [ARGS...]   set up, then run the main job: 'vfdirect demo ARGS' (two
+#                             hosts, two VMs, live migration under verified IO)
 #   ./vfd.sh test [ARGS...]   set up, then run the whole test suite (ARGS go to pytest);
 #                             a throwaway PostgreSQL server runs for the inventory tests
 #   ./vfd.sh setup            set up only

@@ -53,10 +53,12 @@ def pg_schema(server_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-def cli(*args: str, run_dir: Path | None = None,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``vfdirect <args>`` (the host commands) in a subprocess, bounded."""
+def cli(*args: str, run_dir: Path | None = None, check: bool = True,
+        env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``vfdirect <args>`` (the host commands) in a subprocess, bounded; ``env_extra``
+    is added to its environment (a started host daemon inherits it)."""
     env = dict(os.environ)
+    env.update(env_extra or {})
     if run_dir is not None:
         env["VFDIRECT_RUN_DIR"] = str(run_dir)
     proc = subprocess.run([sys.executable, "-m", "vfdirect.cli.host", *args],
@@ -116,8 +118,11 @@ class Host:
     """One host daemon (``vfdirect host start``) in ``run_dir``."""
 
     def __init__(self, run_dir: Path, name: str = "h1", *, arrays: tuple[Path, ...] = (),
-                 extra: tuple[str, ...] = (), db: str | None = None) -> None:
+                 extra: tuple[str, ...] = (), db: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.run_dir = run_dir
+        #: added to the environment of ``host start`` (the daemon inherits it)
+        self.env = dict(env or {})
         self.db_url = db
         self.name = name
         self.arrays = arrays
@@ -139,7 +144,7 @@ class Host:
             args += ["--db", self.db_url]
         for a in self.arrays:
             args += ["--array", str(a)]
-        cli(*args)
+        cli(*args, env_extra=self.env)
         self._note()
         return self
 

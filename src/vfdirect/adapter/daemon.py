@@ -54,6 +54,8 @@ class AdapterConfig:
     port_wwnn: Wwn | None = None
     #: busy-poll budget of a VF thread after activity, before it re-arms kicks and sleeps
     vf_poll_us: int = POLL_BUDGET_NS // 1000
+    #: IO threads per VF (0: a VF executes its requests one at a time on its thread)
+    vf_io_threads: int = 0
 
     def policy(self) -> PeerPolicy:
         """Without a configured hypervisor, only our own uid may connect."""
@@ -115,7 +117,8 @@ async def _amain(config: AdapterConfig, logger: logging.Logger) -> int:
                              on_internal_error=internal)
         service = AdapterService(model, platform, logger)
         vfs = VfManager(service, max_vfs=config.vfs, logger=logger,
-                        poll_budget_ns=config.vf_poll_us * 1000)
+                        poll_budget_ns=config.vf_poll_us * 1000,
+                        io_threads=config.vf_io_threads)
         vfs.start()
         try:
             if config.fabric_dir is not None:

@@ -47,6 +47,11 @@ def _wwn(ctx: click.Context, param: click.Parameter, value: str | None) -> Wwn |
 @click.option("--vf-poll-us", default=200, show_default=True, type=click.IntRange(0, 100_000),
               help="How long a VF thread busy-polls its rings after activity before it "
                    "re-enables kicks and sleeps (0: never poll).")
+@click.option("--io-threads", "io_threads", default=0, show_default=True,
+              type=click.IntRange(0, 64), envvar="VFDIRECT_VF_IO_THREADS",
+              help="IO threads per VF: requests of a VF execute concurrently and complete "
+                   "out of order (0: one at a time on the VF thread). Also from "
+                   "VFDIRECT_VF_IO_THREADS (a host passes its environment on).")
 def adapter(  # noqa: PLR0917 (click passes one argument per option)
     run_dir: Path,
     vfs: int,
@@ -58,13 +63,14 @@ def adapter(  # noqa: PLR0917 (click passes one argument per option)
     port_wwpn: Wwn | None,
     port_wwnn: Wwn | None,
     vf_poll_us: int,
+    io_threads: int,
 ) -> None:
     """Run the adapter daemon: PF admin socket, VFs, vport logins, IO engine."""
     config = AdapterConfig(
         run_dir=run_dir, vfs=vfs, hypervisor_pid=hypervisor_pid,
         hypervisor_uid=hypervisor_uid, arrays=arrays, fabric_dir=fabric_dir,
         log_format=log_format, port_wwpn=port_wwpn, port_wwnn=port_wwnn,
-        vf_poll_us=vf_poll_us,
+        vf_poll_us=vf_poll_us, vf_io_threads=io_threads,
     )
     sys.exit(run_adapter(config))
 

@@ -56,8 +56,9 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so that each command module may import this one.
+    from vfdirect.cli.demo import demo  # noqa: PLC0415
     from vfdirect.cli.host import COMMANDS as HOST_COMMANDS  # noqa: PLC0415
-    from vfdirect.cli.selfcheck import demo, selfcheck  # noqa: PLC0415
+    from vfdirect.cli.selfcheck import selfcheck  # noqa: PLC0415
     from vfdirect.cli.vm_run import vm_run  # noqa: PLC0415
 
     for command in (*HOST_COMMANDS, selfcheck, demo, vm_run):

@@ -1,4 +1,4 @@
-"""``vfdirect selfcheck`` (and, until the cluster demo, ``vfdirect demo``)."""
+"""``vfdirect selfcheck``: the SCSI target core over a physical LUN."""
 
 from __future__ import annotations
 
@@ -64,10 +64,3 @@ def selfcheck(size: int, block_size: str, device: str | None, directory: str | N
     the refusals SPC-4/SBC-3 require. Exits 0 only if every check passes."""
     return _run(size, int(block_size), device, directory, as_json)
 
-
-@click.command()
-@_with_options
-def demo(size: int, block_size: str, device: str | None, directory: str | None,
-         as_json: bool) -> int:
-    """Run the main job: the self-check of the storage stack (see 'selfcheck')."""
-    return _run(size, int(block_size), device, directory, as_json)

@@ -85,6 +85,55 @@ class MigrationFailed(Exception):
     """The migration cannot go on; the message says why (before commit: aborted)."""
 
 
+#: Fault injection for the fault-matrix tests (never set in production): a comma list of
+#: ``side:point:action`` where side is ``source`` or ``destination``, point one of the
+#: names passed to :func:`fault_point` (``after_prepare``, ``after_quiesce``, ...), and
+#: action ``fail`` (raise), ``close`` (cut the migration connection), ``kill-host``
+#: (this host process dies with SIGKILL), ``kill-vm`` (the VM's process on this host
+#: dies), ``hold=PATH`` (wait, at most 60 s, while PATH exists; ``PATH.reached`` is
+#: created when the wait begins) or ``delay=MS``. ``@FILE`` instead of a list reads the
+#: list from FILE at every point (a test changes the faults of running hosts).
+FAULT_ENV = "VFDIRECT_MIGRATION_FAULTS"
+
+
+def fault_point(side: str, point: str, *, channel: Channel | None = None,
+                vm: VmProcess | None = None) -> None:
+    """Fire the faults ``VFDIRECT_MIGRATION_FAULTS`` asks for at this point."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec.startswith("@"):
+        try:
+            spec = Path(spec[1:]).read_text()
+        except OSError:
+            return
+    if not spec:
+        return
+    for item in spec.split(","):
+        parts = item.strip().split(":", 2)
+        if len(parts) != 3 or parts[0] != side or parts[1] != point:
+            continue
+        action = parts[2]
+        if action == "fail":
+            raise MigrationFailed(f"injected fault at {side}:{point}")
+        if action == "close" and channel is not None:
+            with contextlib.suppress(OSError):
+                channel.sock.shutdown(socket.SHUT_RDWR)
+        elif action == "kill-host":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "kill-vm" and vm is not None and vm.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(vm.pid, signal.SIGKILL)
+        elif action.startswith("hold="):
+            hold = Path(action[5:])
+            if hold.exists():
+                with contextlib.suppress(OSError):
+                    hold.with_name(hold.name + ".reached").touch()
+            deadline = time.monotonic() + 60.0
+            while hold.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        elif action.startswith("delay="):
+            time.sleep(int(action[6:]) / 1000)
+
+
 @dataclass(frozen=True)
 class MigrateOptions:
     max_downtime_ms: int = 300
@@ -298,6 +347,7 @@ class SourceMigration:
             "page_size": PAGE_SIZE, "token": answer["token"], "source": svc.name,
             "spec": proc.read_spec()})
         self._leave(Phase.PREPARE, destination=self.destination, vf=answer.get("vf"))
+        fault_point("source", "after_prepare", channel=channel, vm=proc)
         # -- B1: quiesce
         self._enter(Phase.QUIESCE)
         outstanding = int(self._pf("vf_quiesce", lambda pf: pf.vf_quiesce(vf)))
@@ -305,6 +355,7 @@ class SourceMigration:
         self.report.outstanding_at_quiesce = outstanding
         self.progress.outstanding = outstanding
         self._leave(Phase.QUIESCE, outstanding=outstanding)
+        fault_point("source", "after_quiesce", channel=channel, vm=proc)
         # -- B2: drain (X2: a missed deadline hands the rest over)
         self._enter(Phase.DRAIN)
         drained, heads = self._pf("vf_drain", lambda pf: pf.vf_drain(
@@ -312,6 +363,7 @@ class SourceMigration:
         self.report.drained = bool(drained)
         self.report.handed_over_heads = len(heads)
         self._leave(Phase.DRAIN, drained=drained, heads=len(heads))
+        fault_point("source", "after_drain", channel=channel, vm=proc)
         # -- B3/B4: the queue state comes to the hypervisor, the DMA window is revoked
         self._enter(Phase.HANDOFF)
         record, fds = self._pf("vf_state_save", lambda pf: pf.vf_state_save(vf))
@@ -335,6 +387,7 @@ class SourceMigration:
         self._saved = None  # the mediated path owns the fds now
         self._mediated = mediated
         mediated.start()
+        fault_point("source", "after_handoff", channel=channel, vm=proc)
         with contextlib.ExitStack() as maps:
             memory = maps.enter_context(_mapped(proc.memory, view.memory_bytes))
             dmap = maps.enter_context(_mapped(proc.dirty_log,
@@ -358,6 +411,7 @@ class SourceMigration:
                 state, state_fds = mediated.stop(self.options.timeout_s)
                 self._leave(Phase.MEDIATED, requests=mediated.stats().get("requests"))
                 self.report.mediated_requests = int(mediated.stats().get("requests", 0))
+                fault_point("source", "after_pause", channel=channel, vm=proc)
                 self._send_dirty(channel, final=True)
             finally:
                 self._memory = self._guest_marks = None
@@ -367,7 +421,8 @@ class SourceMigration:
                      "port_name": port_name}})
         channel.send_json(SectionType.END, {"pages": self.progress.pages_sent,
                                             "bytes": channel.bytes_sent})
-        self.progress.bytes_sent = channel.bytes_sent
+        self.progress.bytes_sent = self.report.bytes_sent = channel.bytes_sent
+        fault_point("source", "after_end", channel=channel, vm=proc)
         # -- B7: the destination starts the VM
         self._enter(Phase.DESTINATION)
         reply = channel.receive(self.options.timeout_s)
@@ -379,6 +434,7 @@ class SourceMigration:
         self._enter(Phase.COMMIT)
         svc.inv.vm_set_host(self.vm, self.destination)
         self._committed = True
+        fault_point("source", "after_commit", channel=channel, vm=proc)
         with contextlib.suppress(OSError):
             channel.send_json(SectionType.COMMIT, {"migration": self.ident})
         with contextlib.suppress(MigrationFailed):
@@ -432,6 +488,7 @@ class SourceMigration:
                 start = _now()
                 sent = self._send_dirty(channel)
                 self._round(round_no, sent, start)
+                fault_point("source", "precopy_round", channel=channel)
                 if policy.next_step(round_no, sent, PAGE_SIZE, bandwidth) == "stop_and_copy":
                     break
         finally:
@@ -728,6 +785,7 @@ class IncomingMigration:
         svc.pf_call("vf_assign", lambda pf: pf.vf_assign(vf, self.vm, pid))
         svc.load_mapping(self.vm, vf)
         svc.pf_call("vport_bind", lambda pf: pf.vport_bind(wwpn, vf))
+        fault_point("destination", "after_spawn", channel=channel, vm=proc)
         state: dict[str, Any] | None = None
         with _mapped(proc.memory, memory_bytes, write=True) as memory:
             while True:
@@ -750,7 +808,9 @@ class IncomingMigration:
             raise MigrationFailed("the stream ended without the VM's state")
         # B7, second half: page 0 names this host's VF; the guest boots on its memory
         svc.write_fwtable(self.vm, vf)
+        fault_point("destination", "after_pages", channel=channel, vm=proc)
         proc.boot_incoming(timeout=self.options.timeout_s)
+        fault_point("destination", "after_boot", channel=channel, vm=proc)
         channel.send_json(SectionType.READY, {"pid": pid, "vf": vf})
         # wait for the commit; a lost COMMIT is found in the inventory
         try:
@@ -763,6 +823,7 @@ class IncomingMigration:
                 committed = svc.inv.vm_get(self.vm).host == svc.name
         if not committed:
             raise MigrationFailed("the source did not commit")
+        fault_point("destination", "after_commit", channel=channel, vm=proc)
         proc.go()
         proc.wait_event("vm_connected", after=proc.boot_offset, timeout=30.0)
         with contextlib.suppress(OSError):

@@ -30,7 +30,8 @@ MEMORY_NAME = "memory"
 #: The dirty map of guest writes (``vm-run --dirty-log``): one byte per 4 KiB page.
 DIRTY_NAME = "dirty"
 FWTABLE_JSON_NAME = "fwtable.json"
-#: The host's VM spec (what the inventory has no column for: the workload).
+#: The host's VM spec (what the inventory has no column for: the workload, and its
+#: ``workload_args``: extra ``vm-run`` options such as ``["--depth", "8"]``).
 SPEC_NAME = "spec.json"
 #: What ``vm-run --workload`` accepts.
 WORKLOADS = ("idle", "selftest", "sequence", "verify", "load")
@@ -146,6 +147,11 @@ class VmProcess:
             args.append("--restart")
         if incoming:
             args.append("--incoming")
+        # workload options (``--depth 8 --read-pct 0``...) from the spec, if any: the
+        # spec travels with a migration, so the destination runs the same workload
+        workload_args = self.read_spec().get("workload_args")
+        if isinstance(workload_args, list):
+            args.extend(str(a) for a in workload_args)
         args.extend(extra_args)
         log = open(self.console, "ab")  # noqa: SIM115 (the child owns it)
         try:

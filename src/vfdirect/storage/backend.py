@@ -25,6 +25,7 @@ from typing import Protocol, Self, runtime_checkable
 
 from vfdirect.core.block import BlockDevice, BlockRangeError
 from vfdirect.storage._posixio import Writer, preadv_full, total_bytes
+from vfdirect.storage.faults import FaultInjector
 
 
 @runtime_checkable
@@ -66,6 +67,8 @@ class FdBackend:
         self._num_blocks = num_blocks
         self._name = name
         self._writer = Writer(fd)
+        #: Test-only fault injection (:mod:`.faults`); None (the norm) costs one test per IO.
+        self._faults: FaultInjector | None = None
 
     # -- BlockDevice -------------------------------------------------------------------
 
@@ -93,16 +96,22 @@ class FdBackend:
         self._check_open()
         nbytes = total_bytes(bufs)
         check_io(lba, nbytes, self._block_size, self._num_blocks, self._name)
+        if self._faults is not None:
+            self._faults.before_io(f"{self._name}: read at block {lba}", write=False)
         preadv_full(self._fd, bufs, lba * self._block_size, nbytes)
 
     def write_blocks(self, lba: int, bufs: Sequence[memoryview], *, fua: bool = False) -> None:
         self._check_open()
         nbytes = total_bytes(bufs)
         check_io(lba, nbytes, self._block_size, self._num_blocks, self._name)
+        if self._faults is not None:
+            self._faults.before_io(f"{self._name}: write at block {lba}", write=True)
         self._writer.write(bufs, lba * self._block_size, nbytes, fua=fua)
 
     def flush(self) -> None:
         self._check_open()
+        if self._faults is not None:
+            self._faults.before_io(f"{self._name}: flush", write=True)
         self._writer.sync()
 
     # -- LunBackend --------------------------------------------------------------------
@@ -112,6 +121,8 @@ class FdBackend:
         if count < 0:
             raise ValueError(f"{self._name}: negative block count {count}")
         check_io(lba, count * self._block_size, self._block_size, self._num_blocks, self._name)
+        if self._faults is not None:
+            self._faults.before_io(f"{self._name}: zero at block {lba}", write=True)
         offset, length = lba * self._block_size, count * self._block_size
         if not self._zero_fast(offset, length):
             self._writer.write_zeros(offset, length)

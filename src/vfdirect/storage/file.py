@@ -15,6 +15,7 @@ from pathlib import Path
 from vfdirect.core.array import BLOCK_SIZES
 from vfdirect.storage._posixio import punch_hole
 from vfdirect.storage.backend import FdBackend
+from vfdirect.storage.faults import injector_for
 
 
 class FileBackend(FdBackend):
@@ -36,6 +37,8 @@ class FileBackend(FdBackend):
             os.close(fd)
             raise
         super().__init__(fd, block_size, size // block_size, str(self.path))
+        # Test-only: a slow/failing disk on demand (VFDIRECT_STORAGE_FAULTS=1, see .faults).
+        self._faults = injector_for(self.path)
 
     @classmethod
     def create(

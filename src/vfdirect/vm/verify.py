@@ -21,8 +21,9 @@ and ``load`` (a random read/write mix with IOPS and latency).
     nothing is in flight it is compacted to one entry per LBA (:meth:`Verify._checkpoint`,
     crash-safe); if even that does not fit, writing stops when it is full and reads go
     on checking. At the end every LBA journaled is read back
-    once more. Events ``verify_progress`` (writes, reads, verified, errors) every
-    ``progress`` seconds; the result says ``ok`` only with no mismatch and no IO error.
+    once more. Events ``verify_progress`` (writes, reads, verified, errors, and the
+    interval's ``iops``, ``p50_us``, ``p99_us``) every ``progress`` seconds; the result
+    says ``ok`` only with no mismatch and no IO error.
 
 ``load``
     Random ``bs``-block reads and writes (``read_pct`` % reads) over whole disks,
@@ -121,6 +122,9 @@ class Verify:
         self.reserve = 2 * sum(min(self.window, d.num_blocks) for d in self.disks) + 16
         self.checkpoint_due = False
         self.checkpoints = 0
+        #: latencies of the IOs completed since the last progress event, and its time
+        self._window: list[float] = []
+        self._window_start = self.clock()
 
     # -- the journal ----------------------------------------------------------------
 
@@ -192,6 +196,7 @@ class Verify:
             self.journal.settle(seq, EntryState.ACKED if good else EntryState.FAILED)
             self._settled(key, generation, good, f"seq {seq}")
             self.writes += 1
+            self._window.append(request.latency)
             if not good:
                 self.io_errors += 1
                 self._error(f"write {disk.name} lba {key[2]} seq {seq}: {request.error}")
@@ -211,6 +216,7 @@ class Verify:
             else:
                 del self.reading[key]
             self.reads += 1
+            self._window.append(request.latency)
             if request.error is not None:
                 self.io_errors += 1
                 self._error(f"read {disk.name} lba {key[2]}: {request.error}")
@@ -310,6 +316,18 @@ class Verify:
                 "io_errors": self.io_errors, "outstanding": self.outstanding,
                 "max_stall_ms": self.layer.host.max_stall_ms()}
 
+    def _interval(self) -> dict[str, Any]:
+        """IOPS and latency percentiles of the IOs completed since the last call."""
+        now = self.clock()
+        ordered = sorted(self._window)
+        elapsed = max(1e-9, now - self._window_start)
+        self._window = []
+        self._window_start = now
+        us = 1e6
+        return {"iops": round(len(ordered) / elapsed, 1),
+                "p50_us": round(percentile(ordered, 50) * us, 1),
+                "p99_us": round(percentile(ordered, 99) * us, 1)}
+
     def run(self) -> dict[str, Any]:
         if not self.disks:
             return {"workload": "verify", "ok": False, "errors": 1,
@@ -333,7 +351,7 @@ class Verify:
                 continue
             layer.poll(0.05)
             if self.clock() >= next_progress:
-                log_event(_log, "verify_progress", **self.counters())
+                log_event(_log, "verify_progress", **self.counters(), **self._interval())
                 next_progress = self.clock() + self.progress
         self._drain()
         # the final pass: every LBA journaled, read back once more

@@ -57,7 +57,7 @@ class VfDevice:
     def __init__(self, index: int, *, platform: HostPlatform, settings: VscsiSettings,
                  events: EventSink, logger: logging.Logger,
                  poll_budget_ns: int = POLL_BUDGET_NS,
-                 call_timeout: float = CALL_TIMEOUT_S) -> None:
+                 call_timeout: float = CALL_TIMEOUT_S, io_threads: int = 0) -> None:
         self.index = index
         self._platform = platform
         self._settings = settings
@@ -65,6 +65,7 @@ class VfDevice:
         self._log = logger
         self._poll_budget = poll_budget_ns
         self._timeout = call_timeout
+        self._io_threads = io_threads
         self._lock = threading.Lock()
         self._worker: VfWorker | None = None
         self._vm: VmRef | None = None
@@ -174,7 +175,8 @@ class VfDevice:
             worker = VfWorker(self.index, listener=listener, socket_path=path,
                               socket_inode=inode, settings=self._settings, stats=self._stats,
                               report=self._report, logger=self._log,
-                              poll_budget_ns=self._poll_budget)
+                              poll_budget_ns=self._poll_budget,
+                              io_threads=self._io_threads)
             worker.start()
             self._worker = worker
             log_event(self._log, "vf_listen", vf=self.index, socket=str(path),

@@ -37,7 +37,7 @@ class VfManager:
 
     def __init__(self, service: AdapterService, *, max_vfs: int, logger: logging.Logger,
                  settings: VscsiSettings | None = None,
-                 poll_budget_ns: int = POLL_BUDGET_NS) -> None:
+                 poll_budget_ns: int = POLL_BUDGET_NS, io_threads: int = 0) -> None:
         self._service = service
         self._log = logger
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
@@ -45,7 +45,7 @@ class VfManager:
         settings = settings if settings is not None else VscsiSettings()
         self.devices = [VfDevice(i, platform=service.platform, settings=settings,
                                  events=self._post, logger=logger,
-                                 poll_budget_ns=poll_budget_ns)
+                                 poll_budget_ns=poll_budget_ns, io_threads=io_threads)
                         for i in range(max_vfs)]
 
     def start(self) -> None:

@@ -14,8 +14,28 @@ Rules of this module:
   each is popped (copied out and checked by :class:`~vfdirect.core.virtio.Virtqueue`),
   executed by :func:`~vfdirect.core.adapter.vscsi.execute_command` on the VF's SCSI
   targets with zero-copy views of guest memory, completed with ``push_used`` and, when
-  the driver asked for it, a call eventfd write. A request is finished before the next
-  chain is popped, so between two loop iterations nothing is in flight;
+  the driver asked for it, a call eventfd write. By default (``io_threads`` 0) a request
+  is finished before the next chain is popped, so between two loop iterations nothing is
+  in flight;
+* concurrent IO (``vfdirect adapter run --io-threads N``): the VF thread still pops,
+  checks and decodes every chain and takes the views of its data buffers, then hands
+  the SCSI execution to the VF's :class:`~vfdirect.adapter.vf.iopool.IoPool`; an IO
+  thread moves the data (LUN <-> guest buffers) and posts the result back (a queue and
+  the ``done`` eventfd); the VF thread alone writes the response header, pushes the used
+  element (out of order, as virtio allows) and notifies. A control queue request waits
+  until no command of the VF is executing (and no new chain is fetched meanwhile), so a
+  TMF still finds the task set empty (see :mod:`vfdirect.core.adapter.vscsi`);
+* stale executions (claim X2): a request whose ring goes away while it executes (save,
+  reset, fault, disconnect, a new vring) becomes STALE: its result is dropped, never
+  pushed, but the IO thread may still move data. The guest memory it uses stays mapped
+  (the mapping is retired, and unmapped when its last stale request finishes). A save
+  lists them in the record (``executing``, with a ``saver`` token); ``vf_drain`` on the
+  SAVED VF waits (bounded) for them and reports those still running, so that the next
+  server of the queues (the mediated path, or this VF after a restore of its own
+  record, whose ``vf_resume`` waits for them) re-executes them only afterwards: a stale
+  READ landing in a buffer after its re-execution, or a stale WRITE after a newer one,
+  cannot happen. A drain that misses its deadline hands the heads still outstanding
+  over (:attr:`VfWorker.outstanding` drops to 0, so the PF lets the VF be saved);
 * doorbells are adaptive: after activity the thread polls the rings with kicks disabled
   for :data:`POLL_BUDGET_NS`; then it re-enables kicks, re-checks the rings (a chain
   published between the last poll and the re-enable would otherwise wait for the next
@@ -61,6 +81,7 @@ from vfdirect.adapter.vf.fds import (
     unlink_if_ours,
     unmap_all,
 )
+from vfdirect.adapter.vf.iopool import IoPool
 from vfdirect.core.adapter.platform import DrainResult, SavedQueueState
 from vfdirect.core.adapter.vf import VfEvent, VfRecord, VmRef
 from vfdirect.core.adapter.vf_state import (
@@ -71,18 +92,23 @@ from vfdirect.core.adapter.vf_state import (
 )
 from vfdirect.core.adapter.vf_stats import VfStats
 from vfdirect.core.adapter.vscsi import (
+    CommandRequest,
     LunInfo,
     RequestFault,
     VscsiSettings,
+    answer_command,
+    complete_command,
     event_bytes,
     execute_command,
     execute_control,
+    parse_command,
     rescan_events,
+    segment_views,
     visible_luns,
 )
 from vfdirect.core.ids import TargetId
 from vfdirect.core.rpc import ErrorCode, RpcError
-from vfdirect.core.scsi import Target
+from vfdirect.core.scsi import ScsiResult, Target
 from vfdirect.core.vhost import BackendSession, Channel, MessageParser, VhostUserProtocolError
 from vfdirect.core.vhost.messages import MAX_FDS, VhostUserMessage
 from vfdirect.core.vhost.session import (
@@ -105,6 +131,7 @@ from vfdirect.core.vhost.session import (
     VringSetup,
 )
 from vfdirect.core.virtio import (
+    DescriptorChain,
     GuestMemoryError,
     MemoryRegion,
     RegionMemory,
@@ -112,7 +139,13 @@ from vfdirect.core.virtio import (
     VirtqueueError,
 )
 from vfdirect.core.virtio.features import has
-from vfdirect.core.virtio.scsi import CONTROLQ, EVENTQ, ScsiFeature, VirtioScsiEvent
+from vfdirect.core.virtio.scsi import (
+    CONTROLQ,
+    EVENTQ,
+    ScsiFeature,
+    VirtioScsiEvent,
+    VirtioScsiResponse,
+)
 from vfdirect.core.virtio.state import QueueState
 from vfdirect.core.wwn import Wwn
 from vfdirect.transport.shm import SharedMemory, SharedMemoryError
@@ -128,6 +161,14 @@ BATCH = 32
 #: Longest wait for the front end to take a reply.
 SEND_TIMEOUT_S = 2.0
 RECV_BYTES = 1 << 16
+#: Longest wait for executing requests when the front end goes or stops a ring (they
+#: become stale after it).
+STOP_WAIT_S = 5.0
+#: Longest wait of ``vf_resume`` for stale executions of the heads it is to re-execute
+#: (below the PF's call timeout; the caller may try again).
+RESUME_WAIT_S = 4.0
+#: Longest wait for the IO threads at shutdown.
+POOL_STOP_S = 5.0
 
 T = TypeVar("T")
 #: (vf index, event, reason): how the worker reports, never blocking.
@@ -152,6 +193,36 @@ class _Ring:
     owned: set[int]
 
 
+@dataclass(slots=True, eq=False)
+class _Job:
+    """One command request handed to an IO thread."""
+
+    ring: int
+    chain: DescriptorChain
+    request: CommandRequest
+    target: Target
+    data_out: list[memoryview]
+    data_in: list[memoryview]
+    #: the mapping its views are of (kept mapped while the job runs)
+    memory: _Memory | None
+    start_ns: int
+    result: ScsiResult | None = None
+    error: str | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.ring, self.chain.head)
+
+    def release(self) -> None:
+        """Drop every view of guest memory (the job is finished)."""
+        for view in (*self.data_out, *self.data_in):
+            with contextlib.suppress(BufferError):
+                view.release()
+        self.data_out = []
+        self.data_in = []
+        self.memory = None
+
+
 @dataclass(slots=True)
 class _Memory:
     maps: list[SharedMemory]
@@ -166,7 +237,11 @@ class VfWorker:
     def __init__(self, index: int, *, listener: socket.socket, socket_path: Path,
                  socket_inode: int, settings: VscsiSettings, stats: VfStats,
                  report: Reporter, logger: logging.Logger,
-                 poll_budget_ns: int = POLL_BUDGET_NS) -> None:
+                 poll_budget_ns: int = POLL_BUDGET_NS, io_threads: int = 0) -> None:
+        """``io_threads`` 0: requests execute on the VF thread, one at a time; N > 0:
+        on N IO threads of this VF (see the module rules)."""
+        if io_threads < 0:
+            raise ValueError(f"io_threads must be >= 0, not {io_threads}")
         self.index = index
         self._listener = listener
         self._socket_path = socket_path
@@ -205,8 +280,22 @@ class VfWorker:
         self._events_missed = False
         self._polling = False
         self._last_activity = 0
-        #: requests fetched and not completed (read by the PF side without a lock)
+        #: requests fetched, not completed, and not handed over by a drain that missed
+        #: its deadline (read by the PF side without a lock)
         self.outstanding = 0
+        self._handed_over = False
+        # concurrent IO (see the module rules)
+        self._pool = IoPool(io_threads, f"vf{index}") if io_threads else None
+        self._done: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._executing: dict[tuple[int, int], _Job] = {}
+        self._stale: dict[tuple[int, int], _Job] = {}
+        #: control requests waiting for the executing commands (keyed like jobs)
+        self._deferred: dict[tuple[int, int], DescriptorChain] = {}
+        #: guest memory no longer ours but still used by stale requests
+        self._retired: list[_Memory] = []
+        #: the token of the last save that left stale requests
+        self._save_token: str | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"vf{index}", daemon=True)
 
@@ -276,19 +365,34 @@ class VfWorker:
         """Claim B1: stop fetching from the VM's queues (requests wait in them)."""
         self._quiesced = True
         self._polling = False
+        self._handed_over = False
         self._sync_kicks()
         return self._count_outstanding()
 
     def drain(self, timeout_ms: int) -> DrainResult:
-        """Claim B2: finish what was fetched (only restored heads can be; a fetched
-        request is otherwise completed before the next is fetched)."""
+        """Claim B2: finish what was fetched (requests executing on the IO threads,
+        restored heads), within ``timeout_ms``. Claim X2: what is still outstanding at
+        the deadline is handed over (reported, and no longer counted as outstanding).
+        On a SAVED VF: wait for the stale executions the save left, and report those
+        still running."""
         deadline = time.monotonic() + timeout_ms / 1000
-        if self._memory is not None and self._saved is None:
+        if self._saved is not None:
+            self._wait_jobs(lambda: not self._stale, deadline)
+            stale = tuple(h for _, h in sorted(self._stale))
+            return DrainResult(not stale, stale)
+        self._handed_over = False
+        if self._memory is not None:
+            self._wait_jobs(lambda: not self._executing, deadline)
+            self._answer_deferred()
             self._finish_in_flight(deadline)
-        self._count_outstanding()
         heads = tuple(h for r in self._rings.values() if r.vq is not None
                       for h in r.vq.in_flight)
         self._after_fault()
+        if heads and self._quiesced:
+            self._handed_over = True
+            log_event(self._log, "vf_drain_expired", vf=self.index, handed_over=len(heads),
+                      executing=len(self._executing))
+        self._count_outstanding()
         return DrainResult(not heads, heads)
 
     def save(self) -> SavedQueueState:
@@ -318,22 +422,30 @@ class VfWorker:
                     fds.append(os.dup(ring.call_fd))
                     call = len(fds) - 1
                 queues.append(QueueRecord(index, ring.enabled, ring.vq.save(), kick, call))
+            saved = {q.index for q in queues}
+            executing = tuple(sorted(k for k in self._executing if k[0] in saved))
+            token = os.urandom(8).hex() if executing else None
             record = VfQueueRecord(self.index, self._features, self._settings.sense_size,
                                    self._settings.cdb_size, tuple(regions), tuple(queues),
-                                   self._events_missed)
+                                   self._events_missed, executing, token)
             data = record.to_dict()
         except BaseException:
             close_fds(fds)
             raise
-        # revoke the DMA window: no view of guest memory survives this
+        # revoke the DMA window: no view of guest memory survives this (but those of the
+        # requests still executing: they become stale, their results are never pushed,
+        # and the memory is unmapped when the last of them has finished)
         self._saved = record
+        self._save_token = token
         self._polling = False
+        self._make_stale(lambda key: True)
+        self._deferred.clear()
         for ring in self._rings.values():
             ring.vq = None
         self._sync_kicks()
         self._unmap()
         log_event(self._log, "vf_saved", vf=self.index, queues=len(record.queues),
-                  fds=len(fds))
+                  fds=len(fds), executing=len(executing))
         return SavedQueueState(data, tuple(fds))
 
     def restore(self, data: Mapping[str, Any], fds: Sequence[int]) -> None:
@@ -352,6 +464,12 @@ class VfWorker:
             raise RpcError(ErrorCode.INVALID_PARAMS,
                            f"vf_state_restore: a vring index is beyond this VF's "
                            f"{s.num_vrings} vrings")
+        if record.executing and record.saver != self._save_token:
+            raise RpcError(ErrorCode.INVALID_PARAMS,
+                           f"vf_state_restore: the record lists {len(record.executing)} "
+                           f"request(s) VF {record.vf} was still executing when it saved; "
+                           "they must be seen finished (vf_drain of that VF) before "
+                           "another VF serves the queues")
         own: list[int] = []
         maps: list[SharedMemory] = []
         adopted: set[int] = set()
@@ -407,10 +525,11 @@ class VfWorker:
         self._events_missed = record.events_missed
         self._saved = None
         self._quiesced = True
+        self._handed_over = False
         self._sync_kicks()
         self._count_outstanding()
         log_event(self._log, "vf_restored", vf=self.index, queues=len(rings),
-                  in_flight=self.outstanding)
+                  in_flight=self.outstanding, stale=len(self._stale))
 
     def resume(self) -> None:
         """Fetch again from the restored (or quiesced) positions; heads still in flight
@@ -418,7 +537,16 @@ class VfWorker:
         if self._saved is not None:
             raise RpcError(ErrorCode.WRONG_STATE,
                            f"VF {self.index} is saved; vf_state_restore first")
+        owed = {(r.index, h) for r in self._rings.values() if r.vq is not None
+                 for h in r.vq.in_flight}
+        if not self._wait_jobs(lambda: not owed & self._stale.keys(),
+                               time.monotonic() + RESUME_WAIT_S):
+            raise RpcError(ErrorCode.TIMEOUT,
+                           f"VF {self.index}: {len(owed & self._stale.keys())} request(s) of "
+                           "the restored state are still executing from before the save; "
+                           "vf_resume again later")
         self._quiesced = False
+        self._handed_over = False
         self._connect_reported = True  # the PF moves the VF to CONNECTED
         if self._memory is not None:
             self._finish_in_flight(None)
@@ -440,6 +568,8 @@ class VfWorker:
         self._pending_fault = None
         self._quiesced = False
         self._saved = None
+        self._handed_over = False
+        self._deferred.clear()
         self._events_missed = False
         self._connect_reported = False
         self._features_known = False
@@ -461,6 +591,8 @@ class VfWorker:
         sel = self._sel
         sel.register(self._wake, selectors.EVENT_READ, "wake")
         sel.register(self._listener, selectors.EVENT_READ, "listen")
+        if self._pool is not None:
+            sel.register(self._done_fd, selectors.EVENT_READ, "done")
         try:
             while not self._stop:
                 try:
@@ -485,6 +617,8 @@ class VfWorker:
                 self._accept()
             elif tag == "conn":
                 self._read_connection()
+            elif tag == "done":
+                clear_eventfd(self._done_fd)  # the results are taken in _work
             else:
                 clear_eventfd(key.fd)
                 self._stats.kicks += 1
@@ -514,6 +648,13 @@ class VfWorker:
         for ring in list(self._rings.values()):
             self._forget_ring(ring)
         self._unmap()
+        stopped = True
+        if self._pool is not None:
+            stopped = self._pool.stop(POOL_STOP_S)
+            self._reap()
+            if not stopped:
+                log_event(self._log, "vf_io_threads_stuck", level=logging.ERROR,
+                          vf=self.index, stale=len(self._stale))
         with contextlib.suppress(Exception):
             self._sel.close()
         self._listener.close()
@@ -526,6 +667,8 @@ class VfWorker:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(WorkerStopped(self.index))
         os.close(self._wake)
+        if stopped:  # else a stuck IO thread may still signal it
+            os.close(self._done_fd)
         log_event(self._log, "vf_thread_stopped", vf=self.index)
 
     # -- accepting the front end -------------------------------------------------------
@@ -735,7 +878,10 @@ class VfWorker:
         old = self._memory
         self._memory = _Memory(maps, [(r.guest_phys_addr, r.memory_size, r.userspace_addr,
                                        r.mmap_offset) for r in action.regions], memory)
-        if old is not None:
+        if old is not None and self._holds(old):
+            self._retired.append(old)  # executing requests have views of it
+            del old
+        elif old is not None:
             old_maps = old.maps
             del old  # its RegionMemory holds views of the old maps
             unmap_all(old_maps, self._log, self.index)
@@ -786,6 +932,10 @@ class VfWorker:
         """GET_VRING_BASE: stop the ring and tell the front end where to resume."""
         ring = self._rings.get(index)
         if ring is not None and ring.vq is not None:
+            # requests of this ring still executing finish first (else they go stale)
+            self._wait_jobs(lambda: not any(k[0] == index for k in self._executing),
+                            time.monotonic() + STOP_WAIT_S)
+            self._answer_deferred()
             self._finish_in_flight(None, only=ring)
             base = ring.vq.last_avail_idx
         elif self._saved is not None and any(q.index == index for q in self._saved.queues):
@@ -899,13 +1049,16 @@ class VfWorker:
 
     def _work(self) -> None:
         """Serve the rings; manage the adaptive doorbell."""
+        done = 0
+        if self._executing or self._stale:
+            done = self._reap()  # results of the IO threads, also while quiesced
+            self._answer_deferred()
         rings = self._serving_rings()
         if not rings:
             self._polling = False
             if self._serving() and self._events_missed:
                 self._deliver_missed()
             return
-        done = 0
         try:
             for ring in rings:
                 done += self._service(ring)
@@ -946,15 +1099,23 @@ class VfWorker:
         memory = self._memory
         assert vq is not None and memory is not None
         done = 0
-        while done < BATCH:
+        while done < BATCH and not self._deferred:
             start = time.perf_counter_ns()
             chain = vq.pop()
             if chain is None:
+                break
+            if ring.index == CONTROLQ and self._executing:
+                # a TMF finds the task set empty: it waits for the executing commands,
+                # and nothing new is fetched meanwhile
+                self._deferred[(ring.index, chain.head)] = chain
+                done += 1
                 break
             if ring.index == CONTROLQ:
                 control = execute_control(chain, memory.memory, self._targets)
                 vq.push_used(chain.head, control.written)
                 self._stats.record_control(control)
+            elif self._pool is not None:
+                self._submit(ring, chain, memory, start)
             else:
                 outcome = execute_command(chain, memory.memory, self._targets,
                                           self._settings)
@@ -980,8 +1141,14 @@ class VfWorker:
                 for head in vq.in_flight:
                     if deadline is not None and time.monotonic() > deadline:
                         return
+                    key = (ring.index, head)
+                    if key in self._executing or key in self._stale:
+                        continue  # its execution (current or stale) is not over
+                    if ring.index == CONTROLQ and self._executing:
+                        continue  # a TMF waits for the executing commands
                     chain = vq.read_chain(head)
                     if ring.index == CONTROLQ:
+                        self._deferred.pop(key, None)
                         vq.push_used(head, execute_control(chain, memory.memory,
                                                            self._targets).written)
                     elif ring.index == EVENTQ:
@@ -1002,9 +1169,9 @@ class VfWorker:
                 return
 
     def _count_outstanding(self) -> int:
-        self.outstanding = sum(len(r.vq.in_flight) for r in self._rings.values()
-                               if r.vq is not None)
-        return self.outstanding
+        count = sum(len(r.vq.in_flight) for r in self._rings.values() if r.vq is not None)
+        self.outstanding = 0 if self._handed_over else count
+        return count
 
     # -- the event queue --------------------------------------------------------------
 
@@ -1082,7 +1249,11 @@ class VfWorker:
         if conn is None:
             return
         if self._pending_fault is None and self._faulted is None and self._saved is None:
-            self._finish_in_flight(None)  # used.idx == last_avail_idx for a reconnect
+            # used.idx == last_avail_idx for a reconnect (what is still executing after
+            # the bound goes stale)
+            self._wait_jobs(lambda: not self._executing, time.monotonic() + STOP_WAIT_S)
+            self._answer_deferred()
+            self._finish_in_flight(None)
         session, parser = self._session, self._parser
         self._conn = None
         self._session = None
@@ -1110,6 +1281,9 @@ class VfWorker:
         self._connect_reported = False
 
     def _forget_ring(self, ring: _Ring) -> None:
+        self._make_stale(lambda key: key[0] == ring.index)
+        for key in [k for k in self._deferred if k[0] == ring.index]:
+            del self._deferred[key]
         for fd in (ring.kick_fd,):
             if fd is not None and fd in self._kicks:
                 with contextlib.suppress(KeyError, ValueError, OSError):
@@ -1125,9 +1299,182 @@ class VfWorker:
         if mem is None:
             return
         self._memory = None
+        if self._holds(mem):
+            # stale requests still move data through it: unmapped when they are done
+            self._retired.append(mem)
+            log_event(self._log, "vf_unmap_after_stale", vf=self.index,
+                      stale=len(self._stale))
+            return
         maps = mem.maps
         del mem
         unmap_all(maps, self._log, self.index)
+
+    # -- concurrent IO (see the module rules) -----------------------------------------
+
+    def _holds(self, mem: _Memory) -> bool:
+        """Whether a request executing (or stale) uses views of ``mem``."""
+        return any(job.memory is mem for jobs in (self._executing, self._stale)
+                   for job in jobs.values())
+
+    def _make_stale(self, which: Callable[[tuple[int, int]], bool]) -> None:
+        """The executing requests ``which`` selects lose their ring: results dropped."""
+        keys = [k for k in self._executing if which(k)]
+        for key in keys:
+            self._stale[key] = self._executing.pop(key)
+        if keys:
+            log_event(self._log, "vf_requests_stale", vf=self.index, count=len(keys),
+                      stale=len(self._stale))
+
+    def _submit(self, ring: _Ring, chain: DescriptorChain, memory: _Memory,
+                start: int) -> None:
+        """Decode a command chain here, execute it on an IO thread (or answer it at
+        once: BAD_TARGET)."""
+        pool, vq = self._pool, ring.vq
+        assert pool is not None and vq is not None
+        request = parse_command(chain, memory.memory, self._settings)
+        number = request.target
+        target = self._targets.get(TargetId(number)) if number is not None else None
+        if target is None:
+            outcome = answer_command(chain, memory.memory, self._settings, request,
+                                     int(VirtioScsiResponse.BAD_TARGET))
+            vq.push_used(chain.head, outcome.written)
+            self._stats.record_command(outcome, time.perf_counter_ns() - start)
+            return
+        job = _Job(ring.index, chain, request, target,
+                   segment_views(memory.memory, request.data_out),
+                   segment_views(memory.memory, request.data_in), memory, start)
+        self._executing[job.key] = job
+        pool.submit(lambda: self._execute(job))
+
+    def _execute(self, job: _Job) -> None:
+        """On an IO thread: the SCSI execution, then the result back to the VF thread."""
+        try:
+            job.result = job.target.execute_lun_bytes(
+                job.request.lun8, job.request.header.cdb, job.data_out, job.data_in)
+        except Exception as exc:  # a bug (the SCSI core answers every failure itself)
+            log_event(self._log, "vf_internal_error", level=logging.ERROR, vf=self.index,
+                      exc_info=exc)
+            job.error = f"{type(exc).__name__}: {exc}"
+        self._done.put(job)
+        signal_eventfd(self._done_fd)
+
+    def _reap(self, first: _Job | None = None) -> int:
+        """Complete the finished requests (``first`` and whatever else is there):
+        response header, used element, one notification per ring; stale ones are
+        dropped. Returns how many were completed."""
+        touched: dict[int, _Ring] = {}
+        completed = 0
+        job = first
+        while True:
+            if job is None:
+                try:
+                    job = self._done.get_nowait()
+                except queue.Empty:
+                    break
+            ring = self._finish_job(job)
+            job = None
+            if ring is not None:
+                touched[ring.index] = ring
+                completed += 1
+        self._release_retired()
+        for ring in touched.values():
+            vq = ring.vq
+            if vq is None:
+                continue
+            try:
+                if vq.should_notify() and signal_eventfd(ring.call_fd):
+                    self._stats.notifications += 1
+            except VirtqueueError as exc:
+                self._pending_fault = f"vring {ring.index}: {_detached(exc)}"
+                self._signal_err(ring)
+        return completed
+
+    def _finish_job(self, job: _Job) -> _Ring | None:
+        key = job.key
+        job.release()
+        if self._executing.get(key) is not job:
+            if self._stale.get(key) is job:
+                del self._stale[key]
+                if not self._stale:
+                    log_event(self._log, "vf_stale_done", vf=self.index)
+            return None
+        del self._executing[key]
+        ring = self._rings.get(job.ring)
+        memory = self._memory
+        if ring is None or ring.vq is None or memory is None:
+            return None  # unreachable: a ring that goes makes its requests stale first
+        if job.error is not None:
+            self._pending_fault = f"internal error on an IO thread ({job.error})"
+            return None
+        assert job.result is not None
+        try:
+            outcome = complete_command(job.chain, memory.memory, self._settings, job.request,
+                                       job.result)
+            ring.vq.push_used(key[1], outcome.written)
+        except (VirtqueueError, GuestMemoryError) as exc:
+            self._pending_fault = f"vring {ring.index}: {_detached(exc)}"
+            self._signal_err(ring)
+            return None
+        self._stats.record_command(outcome, time.perf_counter_ns() - job.start_ns)
+        return ring
+
+    def _wait_jobs(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Complete finished requests until ``done()`` or the deadline; ``done()``."""
+        while True:
+            self._reap()
+            if done():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or not (self._executing or self._stale):
+                return done()
+            try:
+                job = self._done.get(timeout=min(left, 0.1))
+            except queue.Empty:
+                continue
+            self._reap(job)
+
+    def _answer_deferred(self) -> None:
+        """Answer the control requests that waited for the executing commands."""
+        if self._executing or not self._deferred:
+            return
+        memory = self._memory
+        waiting = sorted(self._deferred.items())
+        self._deferred.clear()
+        if memory is None:
+            return
+        for (index, head), chain in waiting:
+            ring = self._rings.get(index)
+            if ring is None or ring.vq is None:
+                continue
+            try:
+                control = execute_control(chain, memory.memory, self._targets)
+                ring.vq.push_used(head, control.written)
+                self._stats.record_control(control)
+                if ring.vq.should_notify():
+                    signal_eventfd(ring.call_fd)
+            except (VirtqueueError, RequestFault, GuestMemoryError) as exc:
+                self._pending_fault = f"vring {index}: {_detached(exc)}"
+                self._signal_err(ring)
+                return
+
+    def _release_retired(self) -> None:
+        if self._retired:
+            free = self._split_retired()
+            if free:
+                unmap_all(free, self._log, self.index)
+
+    def _split_retired(self) -> list[SharedMemory]:
+        """The maps of retired memory no request uses any more (dropped from the list;
+        no reference to them is left in this frame when it returns)."""
+        keep: list[_Memory] = []
+        free: list[SharedMemory] = []
+        for mem in self._retired:
+            if self._holds(mem):
+                keep.append(mem)
+            else:
+                free.extend(mem.maps)
+        self._retired = keep
+        return free
 
 
 def _detached(exc: BaseException) -> BaseException:

@@ -281,12 +281,15 @@ METHODS: tuple[MethodSpec, ...] = (
         claims=("B1",),
     ),
     MethodSpec(
-        "vf_drain", "migration", "Wait, bounded, until no response is outstanding.",
+        "vf_drain", "migration",
+        "Wait, bounded, until no response is outstanding (QUIESCED); on a SAVED VF, until "
+        "the requests it handed over still executing (the record's executing heads) have "
+        "finished (claim X2).",
         params=(_vf(), ParamSpec("timeout_ms", ParamKind.INT, "deadline", minimum=0,
                                  maximum=MAX_DRAIN_MS)),
         result=(("vf", "VF index"), ("drained", "true when nothing is outstanding"),
                 ("outstanding", "heads of the requests still in flight")),
-        claims=("B2",),
+        claims=("B2", "X2"),
     ),
     MethodSpec(
         "vf_state_save", "migration",

@@ -103,7 +103,8 @@ TRANSITIONS: Mapping[VfEvent, Transition] = {
     VfEvent.BIND: _t({_S.ASSIGNED, _S.CONNECTED}, None),
     VfEvent.UNBIND: _t(ASSIGNED_STATES | {_S.ERROR}, None),
     VfEvent.QUIESCE: _t({_S.CONNECTED}, _S.QUIESCED),  # claim B1
-    VfEvent.DRAIN: _t({_S.QUIESCED}, None),  # claim B2
+    # claim B2; on a SAVED VF (claim X2): wait for the stale executions it handed over
+    VfEvent.DRAIN: _t({_S.QUIESCED, _S.SAVED}, None),
     VfEvent.SAVE: _t({_S.QUIESCED}, _S.SAVED),  # claims B3, B4
     VfEvent.RESTORE: _t({_S.ASSIGNED, _S.SAVED}, _S.QUIESCED),  # claims X1, B7
     VfEvent.RESUME: _t({_S.QUIESCED}, _S.CONNECTED),

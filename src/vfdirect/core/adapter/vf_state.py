@@ -13,12 +13,21 @@ Rules of this module (after Firecracker's device state):
   region in its file;
 * what cannot be serialised travels beside it as file descriptors, referred to by their
   position in the list (``fd`` fields): each region's memory file, each queue's kick and
-  call eventfds. Every position is used exactly once.
+  call eventfds. Every position is used exactly once;
+* claim X2: requests a VF was still executing when it saved (its drain deadline had
+  passed) are heads in flight like any other, and are ALSO listed in ``executing`` with
+  the saving VF's ``saver`` token. The VF will never complete them (their results are
+  dropped) but their stale execution may still move data (a READ into its guest buffer,
+  a WRITE to the LUN). Whoever serves the queues next must not re-execute a listed head
+  before the saving VF reports its stale execution finished (``vf_drain`` of the SAVED
+  VF: drained, no head left); it then drops the list. Both fields are absent (not
+  empty) when nothing was executing, so records without them are unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +42,7 @@ __all__ = ["VF_STATE_FORMAT", "VF_STATE_VERSION", "QueueRecord", "RegionRecord",
 VF_STATE_FORMAT = "vfdirect.vf-queue-state"
 VF_STATE_VERSION = 1
 _U64 = 1 << 64
+_SAVER = re.compile(r"[0-9a-f]{8,64}")
 
 
 class VfStateError(ValueError):
@@ -85,6 +95,20 @@ class VfQueueRecord:
     queues: tuple[QueueRecord, ...]
     #: events were dropped for lack of an event buffer (5.6.6.3): report EVENTS_MISSED
     events_missed: bool = False
+    #: claim X2: (vring index, head) of the heads the saving VF was still executing
+    #: (see the module rules); each is also in its queue's ``in_flight``
+    executing: tuple[tuple[int, int], ...] = ()
+    #: the token of the VF save that left ``executing`` (None iff ``executing`` is empty)
+    saver: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.executing) != (self.saver is not None):
+            raise VfStateError("executing heads and their saver token go together")
+
+    def without_executing(self) -> VfQueueRecord:
+        """This record once the saving VF reported its stale executions finished."""
+        return VfQueueRecord(self.vf, self.features, self.sense_size, self.cdb_size,
+                             self.regions, self.queues, self.events_missed)
 
     @property
     def fd_count(self) -> int:
@@ -92,12 +116,16 @@ class VfQueueRecord:
                                        for q in self.queues)
 
     def _body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "vf": self.vf, "features": self.features, "sense_size": self.sense_size,
             "cdb_size": self.cdb_size, "events_missed": self.events_missed,
             "regions": [r.dump() for r in self.regions],
             "queues": [q.dump() for q in self.queues],
         }
+        if self.executing:
+            body["executing"] = [list(k) for k in self.executing]
+            body["saver"] = self.saver
+        return body
 
     @staticmethod
     def _crc(body: Mapping[str, Any]) -> int:
@@ -122,6 +150,8 @@ class VfQueueRecord:
             raise VfStateError(f"unsupported {VF_STATE_FORMAT} version {version!r}")
         expected = {"format", "version", "crc32", "vf", "features", "sense_size", "cdb_size",
                     "events_missed", "regions", "queues"}
+        if "executing" in data or "saver" in data:
+            expected |= {"executing", "saver"}
         if set(data) != expected:
             raise VfStateError(f"fields differ: missing {sorted(expected - set(data))}, "
                                f"unknown {sorted(set(data) - expected)}")
@@ -155,7 +185,34 @@ class VfQueueRecord:
         for (_, end), (start, _) in pairwise(spans):
             if start < end:
                 raise VfStateError("memory regions overlap")
-        return cls(vf, features, sense_size, cdb_size, regions, queues, missed)
+        executing: tuple[tuple[int, int], ...] = ()
+        saver: str | None = None
+        if "executing" in data:
+            executing = _executing(data["executing"], queues)
+            saver = data["saver"]
+            if type(saver) is not str or not _SAVER.fullmatch(saver):
+                raise VfStateError(f"saver must be 8..64 lowercase hex digits, not {saver!r}")
+        return cls(vf, features, sense_size, cdb_size, regions, queues, missed, executing,
+                   saver)
+
+
+def _executing(value: Any, queues: tuple[QueueRecord, ...]) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= 256 * 1024:
+        raise VfStateError("executing must be a non-empty list of [vring index, head]")
+    in_flight = {q.index: set(q.state.in_flight) for q in queues}
+    out: list[tuple[int, int]] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, list) or len(item) != 2 or \
+                any(type(x) is not int for x in item):
+            raise VfStateError(f"executing[{i}] must be [vring index, head]")
+        index, head = item
+        if head not in in_flight.get(index, ()):
+            raise VfStateError(f"executing[{i}]: head {head} is not in flight on vring "
+                               f"{index}")
+        out.append((index, head))
+    if len(set(out)) != len(out):
+        raise VfStateError("a head is listed twice in executing")
+    return tuple(out)
 
 
 def _int(data: Mapping[str, Any], name: str, low: int, high: int) -> int:
