@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vfdirect.cli.demo import CLAIM_A
+from vfdirect.cli.demo import CLAIM_A, console_events, io_summary, verify_totals
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -60,6 +60,41 @@ def _directory(output: str) -> Path:
     m = re.search(r"^directory: (\S+)$", output, re.MULTILINE)
     assert m, output
     return Path(m.group(1))
+
+
+def test_console_events_leave_a_partial_line_for_later(tmp_path: Path) -> None:
+    path = tmp_path / "console.log"
+    assert console_events(path) == ([], 0)
+    path.write_bytes(b'{"event": "a"}\nnot json\n{"event": "b"}\n{"event": "c", "x"')
+    got, offset = console_events(path)
+    assert [e["event"] for e in got] == ["a", "b"]
+    with open(path, "ab") as f:
+        f.write(b': 1}\n')
+    got, offset2 = console_events(path, offset)
+    assert got == [{"event": "c", "x": 1}] and offset2 == path.stat().st_size
+
+
+def test_verify_totals_add_up_every_process_of_the_vm() -> None:
+    def progress(n: int) -> dict[str, object]:
+        return {"event": "verify_progress", "writes": n, "reads": 2 * n, "verified": 2 * n,
+                "errors": 0}
+
+    started = {"event": "verify_started"}
+    h1 = [started, progress(10), progress(30), started, progress(5)]  # went and came back
+    h2 = [started, progress(7), {"workload": "verify", "ok": True}]
+    assert verify_totals([h1, h2]) == {"writes": 42, "reads": 84, "verified": 84,
+                                       "errors": 0}
+
+
+def test_io_summary_of_the_intervals() -> None:
+    events = [{"iops": 100.0, "p50_us": 10.0, "p99_us": 50.0},
+              {"iops": 300.0, "p50_us": 30.0, "p99_us": 900.0},
+              {"iops": 200.0, "p50_us": 20.0, "p99_us": 60.0},
+              {"iops": 0.0, "p50_us": 0.0, "p99_us": 0.0},  # no IO completed: left out
+              {"writes": 5}]  # the final event, without an interval
+    assert io_summary(events) == {"intervals": 3, "iops": 200.0, "p50_us": 20.0,
+                                  "p99_us": 60.0, "worst_p99_us": 900.0}
+    assert io_summary([])["intervals"] == 0
 
 
 def test_demo_runs_every_claim_step_and_migrates(tmp_path: Path) -> None:

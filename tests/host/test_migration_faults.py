@@ -97,6 +97,14 @@ def check(cond: bool, what: Any) -> None:
     assert cond, what
 
 
+_T0 = time.monotonic()
+
+
+def _mark(what: str) -> None:
+    if os.environ.get("VFDIRECT_FAULTS_TRACE"):
+        print(f"[{time.monotonic() - _T0:7.2f}] {what}", flush=True)
+
+
 # -- reading the VM and the adapters ------------------------------------------------------
 
 
@@ -271,12 +279,14 @@ def run_case(cl: Cluster, side: str, point: str, fault: str) -> dict[str, Any]:
     if fault == "cut":
         spec += f",{side}:{point}:close"
     start_verify_vm(h1, name)
+    _mark(f"{name} vm started")
     hold.touch()
     cl.faults(spec)
     try:
         started = h1.cli_json("vm", "migrate", name, "--to", h2.name, "--no-wait")
         ident = started["migration"]
         _wait_for(f"{side}:{point}", reached.exists)
+        _mark(f"{name} reached")
         COUNTERS["faults"] += 1
         progress = h1.api("GET", f"/v1/migrations/{ident}").get("progress") or {}
         IN_FLIGHT.append((f"{side}:{point}:{fault}", int(progress.get("outstanding", 0)),
@@ -290,6 +300,7 @@ def run_case(cl: Cluster, side: str, point: str, fault: str) -> dict[str, Any]:
             check(all(wait_gone(p, 10.0) for p in pids), pids)
         hold.unlink()
         shown = migration_done(h1, ident)
+        _mark(f"{name} migration done")
     finally:
         cl.faults("")
         with contextlib.suppress(FileNotFoundError):
@@ -312,6 +323,9 @@ def test_claim_X1_fault_before_commit_leaves_the_vm_on_the_source(
         check(progress["outcome"] == "aborted", progress)
         wwpns = vport_names(cluster.h1, name)
         assert_vm_on(cluster, name, cluster.h1, wwpns)
+        _mark(f"{name} placement checked")
         finish_verify(cluster, name, cluster.h1)
+        _mark(f"{name} verified")
     finally:
         remove_vm(cluster, name)
+        _mark(f"{name} removed")

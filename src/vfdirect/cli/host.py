@@ -730,6 +730,16 @@ def adapter_show(run_dir: Path | None, api_socket: Path | None, as_json: bool) -
     click.echo(_table(rows, ("vf", "state", "vm", "vport", "mapping_luns", "socket_path")))
     click.echo("")
     click.echo(_table(shown["logins"], ("wwpn", "nport_id", "pid")))
+    for item in shown.get("handed_over") or []:
+        click.echo(f"\nVF {item['vf']} queue state handed to the hypervisor (migration "
+                   f"{item['migration']} of {item['vm']}):")
+        state = item["state"]
+        click.echo(_table([{"vring": q["index"], "size": q["state"]["size"],
+                            "last_avail_idx": q["state"]["last_avail_idx"],
+                            "used_idx": q["state"]["used_idx"],
+                            "in_flight": q["state"]["in_flight"]}
+                           for q in state.get("queues", [])],
+                          ("vring", "size", "last_avail_idx", "used_idx", "in_flight")))
 
 
 def _add_adapter_run() -> None:

@@ -17,9 +17,16 @@ serves the queues from the saved positions, on a thread of its own:
   or need more than ``MAX_SG`` segments, or a file the adapter cannot attach, goes
   through a bounce buffer of our own (one copy), never refused;
 * heads the record still has in flight are re-read and executed first (as the VF's
-  ``_finish_in_flight``); then chains are popped in order, ONE AT A TIME: header copied
-  and checked (:func:`~vfdirect.core.adapter.vscsi.parse_command`), LUN field -> (target,
-  LUN), ``pf_io_submit`` (claim B6), response written, used element pushed, call eventfd
+  ``_finish_in_flight``). Claim X2: heads the record lists as ``executing`` (the VF's
+  drain deadline passed while they ran; their stale execution may still move data) are
+  re-executed only once the VF reports that execution finished: the thread first polls
+  ``vf_drain`` of the SAVED VF until it answers drained (bounded by ``stale_wait_s``,
+  even if :meth:`MediatedPath.stop` is called meanwhile). Heads never confirmed stay in
+  flight unexecuted and stay listed in the record :meth:`MediatedPath.stop` returns; a
+  confirmed record comes back without the list. Then chains are popped in order, ONE AT
+  A TIME: header copied and checked
+  (:func:`~vfdirect.core.adapter.vscsi.parse_command`), LUN field -> (target, LUN),
+  ``pf_io_submit`` (claim B6), response written, used element pushed, call eventfd
   signalled when the driver asked for it (``should_notify``). A target the VF's mapping
   does not have answers BAD_TARGET, as the VF would; a PF error becomes a response
   (BAD_TARGET when the vport is not usable, TRANSPORT_FAILURE otherwise), never a lost
@@ -99,6 +106,10 @@ POLL_BUDGET_NS = 200_000
 IDLE_WAIT_S = 0.1
 #: Chains taken from one ring before the others get a turn.
 BATCH = 32
+#: Longest wait for the VF to report the stale executions of the record finished (X2).
+STALE_WAIT_S = 30.0
+#: Each ``vf_drain`` poll of the SAVED VF waits at most this long in the VF.
+STALE_POLL_MS = 20
 #: The sense of an overrun (the adapter's SCSI core has no overrun response; virtio does).
 _OVERRUN_SENSE = encode_fixed_sense(INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
 _R = VirtioScsiResponse
@@ -171,7 +182,7 @@ class MediatedPath:
                  wwpn: WwnLike, logger: logging.Logger | None = None,
                  poll_budget_ns: int = POLL_BUDGET_NS,
                  idle_wait_s: float = IDLE_WAIT_S, direct_buffers: bool = True,
-                 owns_pf: bool = False) -> None:
+                 owns_pf: bool = False, stale_wait_s: float = STALE_WAIT_S) -> None:
         """``direct_buffers`` False sends every data buffer through the bounce buffer
         (one copy; for memory files the adapter cannot attach, and for tests);
         ``owns_pf``: :meth:`close` closes ``pf`` too."""
@@ -188,6 +199,9 @@ class MediatedPath:
         except VfStateError as exc:
             raise MediatedError(f"the queue state: {exc}") from None
         self._record = rec
+        self._stale_wait = stale_wait_s
+        #: claim X2: heads not to re-execute before the VF reports them finished
+        self._unconfirmed = frozenset(rec.executing)
         self._settings = VscsiSettings(sense_size=rec.sense_size, cdb_size=rec.cdb_size)
         self._lock = threading.Lock()
         self._barrier_lock = threading.Lock()
@@ -324,8 +338,12 @@ class MediatedPath:
         queues = tuple(QueueRecord(r.index, r.record.enabled, r.vq.save(), r.record.kick_fd,
                                    r.record.call_fd) for r in
                        (self._rings[q.index] for q in rec.queues))
+        in_flight = {q.index: set(q.state.in_flight) for q in queues}
+        executing = tuple(k for k in rec.executing
+                          if k in self._unconfirmed and k[1] in in_flight.get(k[0], ()))
         new = VfQueueRecord(rec.vf, rec.features, rec.sense_size, rec.cdb_size, rec.regions,
-                            queues, rec.events_missed)
+                            queues, rec.events_missed, executing,
+                            rec.saver if executing else None)
         log_event(self._log, "mediated_stopped", vf=rec.vf, **self.stats())
         return new.to_dict(), list(self._fds)
 
@@ -445,6 +463,7 @@ class MediatedPath:
     def _run(self) -> None:
         try:
             log_event(self._log, "mediated_started", vf=self.vf)
+            self._await_stale()
             self._finish_in_flight()
             polling = False
             last = time.monotonic_ns()
@@ -498,9 +517,35 @@ class MediatedPath:
         ring.fault = f"vring {ring.index}: {exc}"
         self._error(ring.fault, vring=ring.index)
 
+    def _await_stale(self) -> None:
+        """Claim X2: wait until the VF reports the stale executions of the heads the
+        record lists as executing finished (see the module rules)."""
+        if not self._unconfirmed:
+            return
+        count = len(self._unconfirmed)
+        log_event(self._log, "mediated_wait_stale", vf=self.vf, heads=count)
+        deadline = time.monotonic() + self._stale_wait
+        why = "not drained"
+        while True:
+            try:
+                drained, _ = self._pf.vf_drain(self.vf, STALE_POLL_MS)
+            except PfError as exc:
+                drained, why = False, exc.message
+                time.sleep(STALE_POLL_MS / 1000)
+            if drained:
+                self._unconfirmed = frozenset()
+                log_event(self._log, "mediated_stale_done", vf=self.vf, heads=count)
+                return
+            if time.monotonic() >= deadline:
+                self._error(f"VF {self.vf} did not report {count} stale execution(s) "
+                            f"finished within {self._stale_wait:g} s ({why}); their heads "
+                            "stay in flight, not re-executed")
+                return
+
     def _finish_in_flight(self) -> None:
         """Execute the heads the record still owes a used element (re-reading their
-        chains), as the VF does at a resume."""
+        chains), as the VF does at a resume; not those whose stale execution in the VF
+        was never reported finished (claim X2)."""
         memory = self._memory
         assert memory is not None
         for ring in list(self._rings.values()):
@@ -510,6 +555,8 @@ class MediatedPath:
                 for head in vq.in_flight:
                     if self._stopping:
                         return
+                    if (ring.index, head) in self._unconfirmed:
+                        continue
                     chain = vq.read_chain(head)
                     if ring.index == CONTROLQ:
                         written = self._control(chain)

@@ -245,12 +245,16 @@ class SourceMigration:
         self.thread = threading.Thread(target=self._main, name=f"migrate-{vm}", daemon=True)
         # what the abort path must undo
         self._vf: int | None = None
+        self._wwpn: str | None = None
         self._quiesced = False
         self._saved: tuple[dict[str, Any], list[int]] | None = None
         self._mediated: MediatedPath | None = None
         self._paused = False
         self._channel: Channel | None = None
         self._committed = False
+        #: the queue state the VF handed over (B3/B4), shown by ``adapter show``
+        self.handed_over_state: dict[str, Any] | None = None
+        self.handed_over_vf: int | None = None
         self._memory: mmap.mmap | None = None
         self._resend = False
         self._last_runs: list[tuple[int, int]] = []
@@ -262,16 +266,17 @@ class SourceMigration:
         self.report.enter(phase, _now())
         self.progress.phase = phase.value
         log_event(self.log, "migration_phase", migration=self.ident, vm=self.vm,
-                  phase=phase.value, state="enter")
+                  vf=self._vf, vport=self._wwpn, phase=phase.value, state="enter")
 
     def _leave(self, phase: Phase, **detail: Any) -> None:
         self.report.leave(phase, _now())
         log_event(self.log, "migration_phase", migration=self.ident, vm=self.vm,
-                  phase=phase.value, state="leave", **detail)
+                  vf=self._vf, vport=self._wwpn, phase=phase.value, state="leave", **detail)
         with contextlib.suppress(InventoryError):
             self.service.inv.event_append(
                 f"migration_{phase.value}", claim=_PHASE_CLAIM.get(phase),
-                host=self.service.name, vm=self.vm, migration=self.ident, detail=detail)
+                host=self.service.name, vm=self.vm, vport=self._wwpn, migration=self.ident,
+                detail={"vf": self._vf, **detail})
         self._save_report()
 
     def _save_report(self, outcome: MigrationOutcome | None = None) -> None:
@@ -325,7 +330,7 @@ class SourceMigration:
         if view.vf is None or view.vport is None:
             raise MigrationFailed(f"VM {self.vm!r} has no VF or no vport")
         vf = self._vf = int(view.vf)
-        wwpn = view.vport.canonical()
+        wwpn = self._wwpn = view.vport.canonical()
         proc = svc.vm_process(self.vm)
         if proc.pid is None:
             proc.pid = view.pid
@@ -346,7 +351,8 @@ class SourceMigration:
             "migration": self.ident, "vm": self.vm, "memory_size": view.memory_bytes,
             "page_size": PAGE_SIZE, "token": answer["token"], "source": svc.name,
             "spec": proc.read_spec()})
-        self._leave(Phase.PREPARE, destination=self.destination, vf=answer.get("vf"))
+        self._leave(Phase.PREPARE, destination=self.destination,
+                    destination_vf=answer.get("vf"))
         fault_point("source", "after_prepare", channel=channel, vm=proc)
         # -- B1: quiesce
         self._enter(Phase.QUIESCE)
@@ -368,6 +374,7 @@ class SourceMigration:
         self._enter(Phase.HANDOFF)
         record, fds = self._pf("vf_state_save", lambda pf: pf.vf_state_save(vf))
         self._saved = (record, list(fds))
+        self.handed_over_state, self.handed_over_vf = record, vf
         waiting = _guest_in_flight(record, proc.memory)
         self.report.guest_in_flight_at_handoff = waiting
         self.progress.outstanding = waiting

@@ -162,6 +162,13 @@ class HostService:
                     "logins": fabric.get("logins", [])}
         out: dict[str, Any] = self._pf("adapter_show", get)
         out["pid"] = self.adapter.pid
+        # claims B3/B4: the queue-state records VFs handed to this hypervisor (migrations
+        # under way: the mediated path serves from them)
+        out["handed_over"] = [
+            {"migration": m.ident, "vm": m.vm, "vf": m.handed_over_vf,
+             "state": m.handed_over_state}
+            for m in self._migrations.values()
+            if not m.progress.done and m.handed_over_state is not None]
         return out
 
     # -- storage ---------------------------------------------------------------------
@@ -660,7 +667,7 @@ class HostService:
                 raise HostError(ErrorCode.WRONG_STATE, str(exc)) from None
             self._incoming[ident] = incoming
             log_event(self.log, "migration_incoming", migration=ident, vm=vm, source=source,
-                      vf=answer.get("vf"))
+                      vf=answer.get("vf"), vport=incoming.wwpn)
             return answer
 
     # the parts of a VM start a migration destination uses (claim B7)
