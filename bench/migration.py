@@ -10,10 +10,10 @@ forth ``--repeat`` times with ``vfdirect vm migrate VM --to HOST --json``; the f
 record's report gives the downtime (VM paused to running on the destination), the
 phases, the pre-copy rounds, the bytes sent and the worst IO stall the guest saw.
 
-Baseline, same run and machine: the time to copy the VM's memory file once from the
-source's run directory into the destination's, through a loopback TCP connection,
-with a plain Python read/sendall and recv_into/write loop (1 MiB chunks) -- what any
-migration of that memory must at least pay. The table prints migration total / raw copy.
+Baseline, same run and machine: the time (median of three) to copy the VM's memory file
+from the source's run directory into the destination's through a loopback TCP
+connection, with a plain Python read/sendall and recv_into/write loop (1 MiB chunks):
+a naive stop-and-copy of that memory. The table prints migration total / raw copy.
 
 Prints a table (median and max over the repeats) and JSON (``--json FILE``):
 
@@ -156,12 +156,16 @@ def console_events(h: Host, vm: str) -> list[dict[str, Any]]:
 
 
 def wait_load(h: Host, vm: str, timeout: float = 60.0) -> None:
-    """Two new load progress lines with writes on ``h``: the load runs there."""
+    """Two new load progress lines with writes (and no reads) on ``h``: the write load
+    runs there."""
     first = len(console_events(h, vm))
     deadline = time.monotonic() + timeout
     while True:
         new = [e for e in console_events(h, vm)[first:] if e.get("event") == "load_progress"]
         if len(new) >= 2 and new[-1].get("writes", 0) > new[0].get("writes", 0):
+            if new[-1].get("reads", 0):  # qd8w is writes only (--read-pct 0)
+                raise SystemExit(f"VM {vm} on {h.name} makes reads: its workload "
+                                 f"options (spec workload_args) were not applied")
             return
         if time.monotonic() > deadline:
             raise SystemExit(f"VM {vm} on {h.name}: no load progress in {timeout:g} s")
@@ -226,8 +230,8 @@ def run_case(h1: Host, h2: Host, size_mib: int, load: str, repeat: int,
     time.sleep(settle_s)
     memory = h1.run_dir / "vms" / vm / "memory"
     copy_dst = h2.run_dir / f"rawcopy-{vm}"
-    try:
-        raw_s = raw_copy_s(memory, copy_dst)
+    try:  # the median of three: the machine is shared
+        raw_s = statistics.median(raw_copy_s(memory, copy_dst) for _ in range(3))
     finally:
         with contextlib.suppress(FileNotFoundError):
             copy_dst.unlink()
@@ -239,6 +243,7 @@ def run_case(h1: Host, h2: Host, size_mib: int, load: str, repeat: int,
             t0 = time.perf_counter()
             shown = src.cli_json("vm", "migrate", vm, "--to", dst.name, timeout=600)
             cli_s = time.perf_counter() - t0
+            shown = settled(src, vm, shown)
             report = shown.get("report") or {}
             if shown.get("outcome") != "committed":
                 raise SystemExit(f"migration {i} of {vm} {shown.get('outcome')}: "
@@ -280,11 +285,30 @@ def run_case(h1: Host, h2: Host, size_mib: int, load: str, repeat: int,
     return summarize(size_mib, load, raw_s, runs)
 
 
+def settled(h: Host, vm: str, shown: dict[str, Any], timeout: float = 60.0
+            ) -> dict[str, Any]:
+    """The migration's final record. ``vm migrate`` can return a record that still says
+    ``running`` (its last poll read the inventory just before the migration thread's
+    final write, then the live progress saying done): read it again from ``vm show``."""
+    deadline = time.monotonic() + timeout
+    while shown.get("outcome") == "running":
+        if time.monotonic() > deadline:
+            raise SystemExit(f"migration {shown.get('id')} of {vm} still running after "
+                             f"{timeout:g} s")
+        time.sleep(0.2)
+        for m in h.cli_json("vm", "show", vm).get("migrations") or []:
+            if m.get("id") == shown.get("id"):
+                shown = m
+    return shown
+
+
 def downtime_breakdown(src: Host, dst: Host, vm: str, report: dict[str, Any]
                        ) -> dict[str, float]:
-    """Where the downtime went, from the hosts' JSON logs and the VM's console: the
-    source's pause to the end of the stream, the destination's last page to READY
-    (VM boot on the received memory), the commit, and the VM's reconnection."""
+    """Where the downtime went, from the report's phase stamps and the destination VM's
+    console: the source's pause to the end of the stream (the mediated path's stop,
+    then the rest), the end of the stream to the VM booted on the received memory, the
+    VM booted to connected to its new VF (READY, commit, COMMIT, vhost-user), the
+    destination phase up to DONE, and DONE to the downtime's end stamp."""
     phases = {p["phase"]: p for p in report["phases"]}
     stop_copy = phases.get("stop_copy")
     dest = phases.get("destination")
@@ -294,9 +318,13 @@ def downtime_breakdown(src: Host, dst: Host, vm: str, report: dict[str, Any]
     pause_ns = stop_copy["end_ns"] - report["downtime_ns"]
     out["pause_to_end_of_stream"] = (dest["start_ns"] - pause_ns) / 1e6
     out["destination_until_done"] = (dest["end_ns"] - dest["start_ns"]) / 1e6
+    # the downtime ends after the source's bookkeeping of the destination phase
+    out["done_to_downtime_stamp"] = (pause_ns + report["downtime_ns"] - dest["end_ns"]) / 1e6
     mediated = phases.get("mediated")
     if mediated is not None and mediated["end_ns"] is not None:
         out["mediated_stop"] = (mediated["end_ns"] - pause_ns) / 1e6
+        # inventory writes of leaving the mediated phase, the final pages, STATE, END
+        out["mediated_left_to_end_of_stream"] = (dest["start_ns"] - mediated["end_ns"]) / 1e6
     # the destination VM's own events (console JSON lines carry a wall-clock ts)
     events = console_events(dst, vm)
     stamps: dict[str, float] = {}
@@ -396,6 +424,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vfdmig-", dir=args.dir))
     hosts: list[Host] = []
     results: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     started = time.time()
     try:
         array = StorageArray.create(work / "san", ARRAY_WWN)
@@ -412,7 +441,11 @@ def main() -> int:
                "--chunk-blocks", "2048")
         for size in sizes:
             for load in loads:
-                results.append(run_case(h1, h2, size, load, args.repeat, args.settle))
+                try:
+                    results.append(run_case(h1, h2, size, load, args.repeat, args.settle))
+                except SystemExit as exc:  # one case failed: report it, go on
+                    print(f"  {size} MiB {load}: FAILED: {exc}", flush=True)
+                    failed.append({"size_mib": size, "load": load, "error": str(exc)})
     finally:
         for h in hosts:
             h.stop()
@@ -449,12 +482,15 @@ def main() -> int:
             f"{k} {v:.1f}" for k, v in r["downtime_breakdown_median_ms"].items()))
     summary = {"bench": "migration", "dir": args.dir, "repeat": args.repeat,
                "started": started, "seconds": time.time() - started, "machine": machine(),
-               "targets_256mib_ms": {"idle": 100, "qd8w": 300}, "results": results}
+               "targets_256mib_ms": {"idle": 100, "qd8w": 300}, "results": results,
+               "failed": failed}
     text = json.dumps(summary, indent=2)
     if args.json_out:
         Path(args.json_out).write_text(text)
     print(text)
-    return 0
+    for f in failed:
+        print(f"FAILED {f['size_mib']} MiB {f['load']}: {f['error']}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from daemon_helpers import Daemon, make_san
 from vf_frontend_helpers import RESP_SIZE, FrontEnd, rw
-from vf_test_helpers import configure, lun_bytes, mem_path, wait_for, wait_state
+from vf_test_helpers import configure, lun_bytes, mem_path, wait_state
 
 from vfdirect.adapter.pf_client import PfClient, PfError
 from vfdirect.core.rpc import ErrorCode
@@ -113,9 +113,12 @@ def test_requests_execute_concurrently_and_complete_out_of_order(
         slow(san, DELAY_MS)
         reads = [Request(fe, 10 + i, rw(0x28, 100 + 8 * i, 8), data_in=4096)
                  for i in range(4)]
-        # all four were fetched while the first still executed: the VF thread was free
-        wait_for("the reads to be fetched", lambda: pf.adapter_get_stats()["vfs"][0]
-                 is not None)
+        time.sleep(0.05)  # a few ms to fetch them; each executes for 300 ms
+        # all four were fetched while the first still executed (one at a time, the VF
+        # thread would only see the quiesce between two requests, with none outstanding)
+        assert pf.vf_quiesce(0) == 4
+        assert pf.vf_drain(0, 5000) == (True, [])
+        pf.vf_resume(0)
         done = collect(fe, 2, 4)
         assert set(done) == {r.head for r in reads}
         for r, d in zip(reads, datas, strict=True):
@@ -133,6 +136,7 @@ def test_a_tmf_waits_for_the_executing_commands(
         wait_state(pf, 0, "CONNECTED")
         slow(san, DELAY_MS)
         read = Request(fe, 0, rw(0x28, 0, 8), data_in=4096)
+        time.sleep(0.05)  # fetched (not yet done: it executes for 300 ms)
         # ABORT TASK answers FUNCTION COMPLETE only once the read has completed: when
         # the TMF's used element is there, the read's is there already
         assert fe.tmf(TmfSubtype.ABORT_TASK, 0, 1, tag=1) == _R.FUNCTION_COMPLETE
@@ -156,8 +160,8 @@ def test_claim_X2_drain_deadline_hands_over_executing_requests_at_the_vf(
         new = os.urandom(4096)
         write = Request(fe, 1, rw(0x2A, 48, 8), data_out=new)
         read = Request(fe, 2, rw(0x28, 40, 8), data_in=4096)
-        wait_for("both requests to be fetched", lambda: pf.vf_quiesce(0) == 2
-                 if pf.vf_get(0)["state"] == "CONNECTED" else True)
+        time.sleep(0.05)  # fetched, executing for 300 ms
+        assert pf.vf_quiesce(0) == 2
         drained, heads = pf.vf_drain(0, 50)  # well below the LUN's 300 ms
         assert not drained and sorted(heads) == sorted([write.head, read.head])
         record, fds = pf.vf_state_save(0)  # handed over: the save is allowed

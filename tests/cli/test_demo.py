@@ -125,6 +125,8 @@ def test_demo_json_report_has_its_fields(tmp_path: Path) -> None:
     assert "A8 fwtable_write" in r.stderr
     assert report["ok"] is True and report["kept"] is False
     assert report["directory"] == str(where)
+    assert report["options"] == {"duration_s": 3.0, "migrations": 1, "vdisk_size": 2 << 20,
+                                 "memory": 8 << 20}
     assert {c["claim"] for c in report["claims"]} >= set(CLAIM_A)
     assert report["checks"] and all(c["ok"] for c in report["checks"])
     assert set(report["vms"]) == {"vm1", "vm2"}

@@ -29,6 +29,8 @@ from typing import Any
 import pytest
 from host_helpers import ARRAY_WWN, Host, make_san, wait_gone
 
+from vfdirect.host.client import ApiError
+
 A = ARRAY_WWN.canonical()
 pytestmark = pytest.mark.timeout(300)
 
@@ -170,7 +172,7 @@ def _wait_for(what: str, fn: Any, timeout: float = WAIT_S) -> Any:
 
 def adapter_vms(h: Host) -> dict[int, tuple[str | None, int | None, str]]:
     """The adapter's VF table: VF -> (VM name, VM pid, state)."""
-    shown = h.cli_json("adapter", "show")
+    shown = h.api("GET", "/v1/adapter")
     out = {}
     for v in shown.get("vfs", []):
         vm = v.get("vm") or {}
@@ -179,15 +181,15 @@ def adapter_vms(h: Host) -> dict[int, tuple[str | None, int | None, str]]:
 
 
 def logins(h: Host) -> list[dict[str, Any]]:
-    return list(h.cli_json("adapter", "show").get("logins", []))
+    return list(h.api("GET", "/v1/adapter").get("logins", []))
 
 
 def vport_names(h: Host, name: str) -> set[str]:
     """The VM's vport WWPN and its alternate (the two port names it may log in with)."""
-    shown = h.cli_json("vm", "show", name)
+    shown = h.api("GET", f"/v1/vms/{name}")
     wwpn = shown["vm"]["vport"]
     names = {str(wwpn)}
-    for vp in h.cli_json("vport", "list"):
+    for vp in h.api("GET", "/v1/vports"):
         if vp.get("wwpn") == wwpn and vp.get("alternate_wwpn"):
             names.add(str(vp["alternate_wwpn"]))
     return names
@@ -206,23 +208,27 @@ _serial = iter(range(1, 1_000_000))
 
 
 def start_verify_vm(h: Host, name: str) -> None:
-    h.cli("vm", "create", name, "--workload", "verify")
+    """A fresh VM (two fresh vdisks) started on ``h`` under ``verify`` (through the API:
+    a CLI process per step costs seconds on a loaded machine)."""
+    h.api("POST", "/v1/vms", {"name": name, "workload": "verify"})
     for disk in ("a", "b"):
-        h.cli("vdisk", "create", f"{name}{disk}", "--datastore", "ds0", "--blocks", "256")
-        h.cli("vm", "attach", name, f"{name}{disk}")
-    h.cli("vm", "start", name)
+        h.api("POST", "/v1/vdisks", {"datastore": "ds0", "name": f"{name}{disk}",
+                                     "capacity_blocks": 256})
+        h.api("POST", f"/v1/vms/{name}/attach", {"vdisk": f"{name}{disk}"})
+    h.api("POST", f"/v1/vms/{name}/start")
     _wait_progress(h, name)
 
 
 def remove_vm(cl: Cluster, name: str) -> None:
     """Best effort: the VM stopped wherever it is, deleted with its vdisks."""
     for h in (cl.h1, cl.h2):
-        h.cli("vm", "stop", name, check=False)
-    for h in (cl.h1, cl.h2):
-        if h.cli("vm", "delete", name, check=False).returncode == 0:
-            break
+        with contextlib.suppress(ApiError):
+            h.api("POST", f"/v1/vms/{name}/stop")
+    with contextlib.suppress(ApiError):
+        cl.h1.api("DELETE", f"/v1/vms/{name}")
     for disk in ("a", "b"):
-        cl.h1.cli("vdisk", "delete", f"{name}{disk}", check=False)
+        with contextlib.suppress(ApiError):
+            cl.h1.api("DELETE", f"/v1/vdisks/{name}{disk}")
 
 
 def migration_done(h: Host, ident: str, timeout: float = WAIT_S) -> dict[str, Any]:
@@ -238,7 +244,7 @@ def migration_done(h: Host, ident: str, timeout: float = WAIT_S) -> dict[str, An
 def assert_vm_on(cl: Cluster, name: str, on: Host, wwpns: set[str]) -> int:
     """VM ``name`` runs on ``on`` only: inventory, processes, VFs, fabric logins."""
     other = cl.h2 if on is cl.h1 else cl.h1
-    shown = on.cli_json("vm", "show", name)["vm"]
+    shown = on.api("GET", f"/v1/vms/{name}")["vm"]
     check(shown["host"] == on.name and shown["state"] == "running", shown)
     pid = int(shown["pid"])
     # one live vm-run of the VM, on ``on``; the other host's is gone (bounded wait: the
@@ -262,7 +268,7 @@ def assert_vm_on(cl: Cluster, name: str, on: Host, wwpns: set[str]) -> int:
 def finish_verify(cl: Cluster, name: str, on: Host) -> None:
     """The workload goes on where the VM is, and ends ok with nothing lost."""
     _wait_progress(on, name)
-    on.cli("vm", "stop", name)
+    on.api("POST", f"/v1/vms/{name}/stop")
     result = _result(on, name)
     check(result["ok"] and result["errors"] == 0 and result.get("mismatches", 0) == 0,
           result)
@@ -329,3 +335,97 @@ def test_claim_X1_fault_before_commit_leaves_the_vm_on_the_source(
     finally:
         remove_vm(cluster, name)
         _mark(f"{name} removed")
+
+
+POST_FAULTS = ["kill_dest_host", "cut"]
+
+
+@pytest.mark.parametrize("fault", POST_FAULTS)
+@pytest.mark.parametrize(("side", "point"), POST_COMMIT,
+                         ids=[f"{s}-{p}" for s, p in POST_COMMIT])
+def test_fault_after_commit_leaves_the_vm_on_the_destination(
+        cluster: Cluster, side: str, point: str, fault: str) -> None:
+    """After the commit point the VM is the destination's: a cut connection does not
+    matter, a killed destination host adopts the VM process it had booted when it comes
+    back (the source let go of its paused process already)."""
+    shown = run_case(cluster, side, point, fault)
+    name = shown["vm_name"]
+    try:
+        progress = shown["progress"]
+        MATRIX.append((side, point, fault, progress["outcome"]))
+        check(progress["outcome"] == "committed", progress)
+        wwpns = vport_names(cluster.h2, name)
+        assert_vm_on(cluster, name, cluster.h2, wwpns)
+        _mark(f"{name} placement checked")
+        finish_verify(cluster, name, cluster.h2)
+    finally:
+        remove_vm(cluster, name)
+
+
+@pytest.mark.parametrize(("side", "point"), POST_COMMIT,
+                         ids=[f"{s}-{p}" for s, p in POST_COMMIT])
+def test_destination_vm_killed_after_commit_is_reported_and_resumed_on_its_memory(
+        cluster: Cluster, side: str, point: str) -> None:
+    """The commit point passed: the VM is the destination's whatever happens (the
+    source let go of it). Its process dying before it resumed the guest is in the
+    migration record (``destination_error``) and the events; the guest's memory is
+    complete on the destination, so a new process resumes it there (were that to fail
+    too, the VM would stay there in ERROR, restartable): nothing is lost."""
+    h1, h2 = cluster.h1, cluster.h2
+    shown = run_case(cluster, side, point, "kill_dest_vm")
+    name = shown["vm_name"]
+    try:
+        progress = shown["progress"]
+        check(progress["outcome"] == "committed", progress)
+        ident = shown["id"]
+
+        def settled() -> dict[str, Any] | None:
+            vm: dict[str, Any] = h2.api("GET", f"/v1/vms/{name}")["vm"]
+            return vm if vm["state"] in ("running", "error") else None
+        vm = _wait_for(f"{name} running or in error", settled, 60.0)
+        MATRIX.append((side, point, "kill_dest_vm", f"{progress['outcome']}, {vm['state']}"))
+        check(vm["host"] == "h2" and vm["state"] == "running", vm)
+        record = h2.api("GET", f"/v1/migrations/{ident}")
+        check("destination_error" in (record.get("detail") or {}), record)
+        events = [e for e in h2.api("GET", f"/v1/events?vm={name}")
+                  if e.get("kind") == "vm_migrated_in"]
+        check(any((e.get("detail") or {}).get("restarted_after") for e in events), events)
+        wwpns = vport_names(h2, name)
+        assert_vm_on(cluster, name, h2, wwpns)
+        check(not vm_processes(h1, name), name)
+        finish_verify(cluster, name, h2)
+    finally:
+        remove_vm(cluster, name)
+
+
+def test_vm_migrate_bad_input_is_one_line_and_changes_nothing(cluster: Cluster) -> None:
+    h1 = cluster.h1
+    name = f"m{next(_serial)}"
+    start_verify_vm(h1, name)
+    try:
+        before = h1.api("GET", f"/v1/vms/{name}")["vm"]
+        migrations = len(h1.api("GET", "/v1/migrations"))
+        cases = [(("--to", "nosuchhost"), "nosuchhost"), (("--to", "h1"), "h1")]
+        for args, word in cases:
+            out = h1.cli("vm", "migrate", name, *args, check=False)
+            lines = out.stderr.strip().splitlines()
+            check(out.returncode != 0 and len(lines) == 1 and
+                  lines[0].startswith("vfdirect: error: ") and word in lines[0], out)
+        out = h1.cli("vm", "migrate", "nosuchvm", "--to", "h2", check=False)
+        lines = out.stderr.strip().splitlines()
+        check(out.returncode != 0 and len(lines) == 1 and "nosuchvm" in lines[0], out)
+        after = h1.api("GET", f"/v1/vms/{name}")["vm"]
+        check((after["host"], after["state"], after["pid"], after["vf"]) ==
+              (before["host"], before["state"], before["pid"], before["vf"]), after)
+        check(len(h1.api("GET", "/v1/migrations")) == migrations, "a migration record")
+        # a stopped VM does not migrate
+        h1.api("POST", f"/v1/vms/{name}/stop")
+        out = h1.cli("vm", "migrate", name, "--to", "h2", check=False)
+        lines = out.stderr.strip().splitlines()
+        check(out.returncode != 0 and len(lines) == 1 and "stopped" in lines[0], out)
+        after = h1.api("GET", f"/v1/vms/{name}")["vm"]
+        check(after["host"] == "h1" and after["state"] == "stopped", after)
+        check(len(h1.api("GET", "/v1/migrations")) == migrations, "a migration record")
+        check(not vm_processes(cluster.h2, name), name)
+    finally:
+        remove_vm(cluster, name)

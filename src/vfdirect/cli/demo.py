@@ -92,6 +92,7 @@ class Report:
     kept: bool = False
     dashboard: str | None = None
     seconds: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
     claims: list[dict[str, Any]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     vms: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -255,10 +256,10 @@ class Cluster:
                 out.append(int(entry.name))
         return [p for p in out if _alive(p)]
 
-    def stop(self) -> list[int]:
+    def stop(self) -> dict[int, str]:
         """Stop both hosts (their VMs and adapters) through their API, then end by pid
-        whatever still runs from the directory. Returns the pids that had to be
-        signalled (empty when the hosts stopped everything themselves)."""
+        whatever still runs from the directory. Returns the processes that had to be
+        signalled, pid -> what it ran (empty when the hosts stopped everything)."""
         waiting = []
         for host in HOSTS:
             if not (self.run_dir(host) / "api.sock").exists():
@@ -275,26 +276,27 @@ class Cluster:
         for c in self._clients.values():
             c.close()
         self._clients.clear()
-        signalled: list[int] = []
-        deadline = time.monotonic() + SWEEP_S
-        sig = signal.SIGTERM
-        while True:
-            left = self.pids()
-            if not left:
-                return signalled
-            if time.monotonic() >= deadline:
-                sig = signal.SIGKILL
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-                if pid not in signalled:
-                    signalled.append(pid)
-            if sig == signal.SIGKILL:
-                time.sleep(0.2)
-                if not self.pids():
+        signalled: dict[int, str] = {}
+        for sig, wait_s in ((signal.SIGTERM, SWEEP_S), (signal.SIGKILL, 5.0)):
+            deadline = time.monotonic() + wait_s
+            while True:
+                left = self.pids()
+                if not left:
                     return signalled
-                deadline = time.monotonic() + SWEEP_S  # pragma: no cover (unkillable)
-            time.sleep(0.2)
+                for pid in left:
+                    if pid not in signalled or sig == signal.SIGKILL:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, sig)
+                    if pid not in signalled:
+                        args = [a.decode(errors="replace") for a in _cmdline(pid)]
+                        module = args.index("-m") + 1 if "-m" in args else len(args)
+                        name = args.index("--name") + 1 if "--name" in args else len(args)
+                        signalled[pid] = " ".join(args[i] for i in (module, name)
+                                                  if i < len(args)) or "?"
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+        return signalled
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -306,7 +308,9 @@ class Demo:
         self.cluster = cluster
         self.opts = opts
         self.say = say
-        self.report = Report(directory=str(cluster.root))
+        self.report = Report(directory=str(cluster.root), options={
+            "duration_s": opts.duration, "migrations": opts.migrations,
+            "vdisk_size": opts.vdisk_size, "memory": opts.memory})
         self.last_event = 0
         self.where = {"vm1": "h1", "vm2": "h2"}
         self.vports: dict[str, str] = {}
@@ -533,7 +537,8 @@ class Demo:
         o = self.opts
         n = o.migrations
         if n:
-            self.say(click.style(f"claim B: live-migrating {MIGRATING_VM} {n} times under "
+            times = "once" if n == 1 else f"{n} times"
+            self.say(click.style(f"claim B: live-migrating {MIGRATING_VM} {times} under "
                                  "verified IO", bold=True))
         gap = o.duration / (n + 1)
         for i in range(n):
@@ -549,8 +554,9 @@ class Demo:
                                f"it is {state} on {self.where[MIGRATING_VM]}; no more "
                                "migrations")
                     break
-                self.say(f"  {MIGRATING_VM} still runs on {self.where[MIGRATING_VM]} "
-                         "(the migration was undone)")
+                undone = self.report.migrations[-1]["outcome"] != "committed"
+                self.say(f"  {MIGRATING_VM} still runs on {self.where[MIGRATING_VM]}"
+                         + (" (the migration was undone)" if undone else ""))
         self.sleep_until(t_io + o.duration)
 
     def vm_state(self, vm: str) -> str:
@@ -560,11 +566,26 @@ class Demo:
         return str(shown["vm"]["state"])
 
     def sleep_until(self, when: float) -> None:
+        """Wait, showing the VMs' IO: on a terminal a line updated every second, else
+        a line every 5 s of a longer wait."""
+        every = 1.0 if self.tty else 5.0
+        shown = False
+        next_line = time.monotonic() + every
         while True:
-            left = when - time.monotonic()
-            if left <= 0:
-                return
-            time.sleep(min(left, 0.5))
+            now = time.monotonic()
+            if now >= when:
+                break
+            if now >= next_line:
+                line = "  IO: " + self.io_line()
+                if self.tty:
+                    self.say("\r\x1b[K" + line, nl=False)
+                    shown = True
+                else:
+                    self.say(line)
+                next_line = now + every
+            time.sleep(min(when - now, 0.25))
+        if shown:
+            self.say("\r\x1b[K", nl=False)
 
     def migrate(self, vm: str, src: str, dst: str) -> bool:
         """Migrate ``vm`` (following the migration's progress); whether it committed."""
@@ -621,11 +642,13 @@ class Demo:
         if not committed:
             return False
         self.where[vm] = dst
-        after = self.wait_progress(vm, dst, offset)
-        self.check(f"{vm} continues its IO on {dst}", after["errors"] == 0,
-                   f"{after['writes']} writes, {after['verified']} reads verified, "
-                   f"{after['errors']} errors")
-        return True
+        try:
+            after = self.wait_progress(vm, dst, offset)
+        except DemoError as exc:
+            return self.check(f"{vm} continues its IO on {dst}", False, str(exc))
+        return self.check(f"{vm} continues its IO on {dst}", after["errors"] == 0,
+                          f"{after['writes']} writes, {after['verified']} reads verified, "
+                          f"{after['errors']} errors")
 
     def finish(self) -> None:
         self.say(click.style("stopping the VMs: each reads back every block it wrote",
@@ -731,6 +754,7 @@ def run_demo(opts: Options, say: Callable[..., None]) -> Report:
         root.mkdir(parents=True, exist_ok=True)
     else:
         root = Path(tempfile.mkdtemp(prefix="vfdirect-demo-"))
+    root = root.resolve()  # as the hosts name it in their command lines
     cluster = Cluster(root, api_port=_free_port() if opts.keep else None)
     demo = Demo(cluster, opts, say)
     kept = False
@@ -755,7 +779,10 @@ def run_demo(opts: Options, say: Callable[..., None]) -> Report:
         if not kept:
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
-                cluster.stop()
+                ended = cluster.stop()
+                if ended:
+                    say(f"ended {len(ended)} process(es) the hosts left: "
+                        + ", ".join(f"{pid} ({what})" for pid, what in ended.items()))
                 if opts.directory is None:
                     shutil.rmtree(root, ignore_errors=True)
             finally:

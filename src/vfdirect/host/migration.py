@@ -61,13 +61,19 @@ from vfdirect.host import exports as nbd_exports
 from vfdirect.host.inventory import InventoryError, MigrationOutcome, VmState
 from vfdirect.host.log import log_event
 from vfdirect.host.mediated import MediatedPath
-from vfdirect.host.vms import VmProcess, VmProcessError
+from vfdirect.host.vms import (
+    VmProcess,
+    VmProcessError,
+    console_events,
+    is_vm_process,
+    vm_dir,
+)
 
 if TYPE_CHECKING:
     from vfdirect.host.service import HostService
 
 __all__ = ["Channel", "IncomingMigration", "MigrateOptions", "MigrationFailed", "Progress",
-           "SourceMigration", "fence"]
+           "SourceMigration", "fence", "reclaim_incoming"]
 
 #: Pages per PAGES section (1 MiB of 4 KiB pages).
 CHUNK_PAGES = 256
@@ -703,6 +709,7 @@ class IncomingMigration:
         self.source_port_name = source_port_name
         self._logged_in = False
         self._vf_reserved = False
+        self._committed = False
         self.thread = threading.Thread(target=self._main, name=f"incoming-{vm}", daemon=True)
         self.done = threading.Event()
         self.error: str | None = None
@@ -745,9 +752,12 @@ class IncomingMigration:
             self._run()
         except BaseException as exc:
             self.error = str(exc) or type(exc).__name__
-            log_event(self.log, "migration_incoming_failed", level=logging.WARNING,
-                      migration=self.ident, vm=self.vm, error=self.error)
-            self._cleanup()
+            if self._committed:
+                self._fail_committed(self.error)
+            else:
+                log_event(self.log, "migration_incoming_failed", level=logging.WARNING,
+                          migration=self.ident, vm=self.vm, error=self.error)
+                self._cleanup()
         finally:
             if self.listener is not None:
                 self.listener.close()
@@ -830,6 +840,7 @@ class IncomingMigration:
                 committed = svc.inv.vm_get(self.vm).host == svc.name
         if not committed:
             raise MigrationFailed("the source did not commit")
+        self._committed = True  # from here on the VM is this host's, whatever happens
         fault_point("destination", "after_commit", channel=channel, vm=proc)
         proc.go()
         proc.wait_event("vm_connected", after=proc.boot_offset, timeout=30.0)
@@ -845,6 +856,65 @@ class IncomingMigration:
             event = proc.wait_event("vm_stall", after=proc.boot_offset, timeout=10.0)
             svc.inv.migration_update(self.ident,
                                      detail={"worst_stall_ms": event.get("stall_ms")})
+
+    def _fail_committed(self, error: str) -> None:
+        """After the commit point the VM is this host's (the source let go of it). Its
+        VM process failing before it resumed the guest (it died, say) loses nothing of
+        the guest: its memory is complete here. A new VM process resumes the guest on it
+        once (``vm-run --restart``, as a destination does; the failure is in the
+        record and the events); if that fails too the VM stays here in ERROR (no
+        process, its VF released, its vport kept logged in), restartable with
+        ``vm start``."""
+        svc = self.service
+        log_event(self.log, "migration_incoming_failed_after_commit", level=logging.ERROR,
+                  migration=self.ident, vm=self.vm, error=error)
+        if self.proc is not None:
+            with contextlib.suppress(Exception):
+                self.proc.stop(wait_s=5.0)
+        with contextlib.suppress(InventoryError):
+            svc.inv.migration_update(self.ident, detail={"destination_error": error[:500]})
+        if self.proc is not None and self.vf is not None and self.wwpn is not None:
+            try:
+                pid = self._resume_on_memory(self.proc, self.vf, self.wwpn)
+            except Exception as exc:
+                error = f"{error}; resuming on its memory failed: {exc}"
+                log_event(self.log, "migration_resume_failed", level=logging.ERROR,
+                          migration=self.ident, vm=self.vm, error=str(exc))
+                with contextlib.suppress(Exception):
+                    self.proc.stop(wait_s=5.0)
+            else:
+                svc.event("vm_migrated_in", "B7", vm=self.vm, vport=self.wwpn, vf=self.vf,
+                          migration=self.ident, pid=pid, restarted_after=error[:500])
+                return
+        if self.vf is not None:
+            vf = self.vf
+            with contextlib.suppress(Exception):
+                svc.pf_call("vf_reset", lambda pf: pf.vf_reset(vf))
+            with contextlib.suppress(InventoryError):
+                svc.inv.vf_release(svc.name, vf)
+        with contextlib.suppress(InventoryError):
+            svc.inv.vm_set_state(self.vm, VmState.ERROR)
+        with contextlib.suppress(InventoryError):
+            svc.inv.migration_update(self.ident, detail={"destination_error": error[:500]})
+        svc.event("vm_migrated_in_failed", "B7", vm=self.vm, vport=self.wwpn,
+                  migration=self.ident, error=error[:500])
+
+    def _resume_on_memory(self, proc: VmProcess, vf: int, wwpn: str) -> int:
+        """A new VM process on the received memory, given the VF (reset first), the
+        mapping, the vport and page 0, then let go: the guest resumes. Its pid."""
+        svc = self.service
+        memory_bytes = svc.inv.vm_get(self.vm).memory_bytes
+        pid = proc.spawn(memory_bytes=memory_bytes, workload=svc.vm_workload(self.vm),
+                         restart=True, extra_args=nbd_exports.spawn_args(proc))
+        svc.pf_call("vf_reset", lambda pf: pf.vf_reset(vf))
+        svc.pf_call("vf_assign", lambda pf: pf.vf_assign(vf, self.vm, pid))
+        svc.load_mapping(self.vm, vf)
+        svc.pf_call("vport_bind", lambda pf: pf.vport_bind(wwpn, vf))
+        svc.write_fwtable(self.vm, vf)
+        proc.go()
+        proc.wait_event("vm_connected", after=proc.boot_offset, timeout=30.0)
+        svc.inv.vm_set_state(self.vm, VmState.RUNNING, pid=pid)
+        return pid
 
     def _cleanup(self) -> None:
         """Throw away what this host made for the VM (it stays on the source)."""
@@ -864,6 +934,110 @@ class IncomingMigration:
         if self.wwpn is not None and self._logged_in:
             wwpn = self.wwpn
             with contextlib.suppress(Exception):
-                svc.pf_call("vport_logout", lambda pf: pf.vport_logout(wwpn))
+                svc.pf_call("vport_logout", lambda pf, w=wwpn: pf.vport_logout(w))
             self._logged_in = False
 
+
+
+# -- after a restart of the destination host ----------------------------------------------
+
+
+def _incoming_pids(run_dir: Path, name: str) -> list[int]:
+    """Live ``vm-run --incoming`` processes of VM ``name`` started by this host (their
+    memory file is in its run dir): what a migration's destination spawns."""
+    memory = str(vm_dir(run_dir, name)).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--incoming" in argv and any(a.startswith(memory) for a in argv) \
+                and is_vm_process(int(entry.name), name):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _booted(proc: VmProcess, pid: int) -> bool:
+    """Whether incoming VM process ``pid`` booted on its memory (it answered READY)."""
+    booted = False
+    for item in console_events(proc.console):
+        if item.get("event") == "vm_incoming" and item.get("pid") == pid:
+            booted = False
+        elif item.get("event") == "vm_booted" and item.get("pid") == pid:
+            booted = True
+    return booted
+
+
+def reclaim_incoming(service: HostService) -> dict[str, list[str]]:
+    """After this host restarts (before its reconciliation): what incoming migrations
+    that died with its previous run left behind (X1, B7).
+
+    A VM the inventory places on another host (its source aborted): the VM process
+    started for it is killed, the VF reserved for it reset and released, the vport's
+    login by this adapter logged out. A VM committed to this host whose incoming never
+    finished (MIGRATING here): its VM process, booted and paused at READY and holding the
+    reserved VF, is adopted (recorded RUNNING and let go); otherwise the VM is left in
+    ERROR here, restartable with ``vm start``."""
+    svc = service
+    run_dir = svc.config.run_dir
+    report: dict[str, list[str]] = {"thrown_away": [], "adopted": [], "failed": []}
+    held = {a.vm: int(a.vf) for a in svc.inv.vf_list(host=svc.name)}
+    names = set(held) | {v.name for v in svc.inv.vm_list(host=svc.name)
+                         if v.state is VmState.MIGRATING}
+    vfs = {int(v["vf"]): v for v in svc.pf_call("vf_list", lambda pf: pf.vf_list())}
+    for name in sorted(names):
+        view = svc.inv.vm_get(name)
+        pids = _incoming_pids(run_dir, name)
+        if view.host == svc.name and view.state is not VmState.MIGRATING:
+            continue  # the VM runs here (or is stopped): reconcile's business
+        proc = svc.vm_process(name)
+        vf = held.get(name)
+        if view.host == svc.name:
+            adapter_vm = (vfs.get(vf, {}).get("vm") or {}) if vf is not None else {}
+            pid = adapter_vm.get("pid")
+            if pid in pids and _booted(proc, int(pid)):
+                proc.pid = int(pid)
+                offset = proc.console_offset()
+                svc.inv.vm_set_state(name, VmState.RUNNING, pid=int(pid))
+                try:
+                    proc.go()
+                    proc.wait_event("vm_connected", after=offset, timeout=30.0)
+                except (VmProcessError, OSError) as exc:
+                    log_event(svc.log, "migration_adopt_failed", level=logging.ERROR,
+                              vm=name, pid=pid, error=str(exc))
+                else:
+                    svc.event("vm_migrated_in", "B7", vm=name, vf=vf, pid=pid,
+                              adopted=True)
+                    report["adopted"].append(name)
+                    continue
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if vf is not None:
+            with contextlib.suppress(Exception):
+                svc.pf_call("vf_reset", lambda pf, i=vf: pf.vf_reset(i))
+            with contextlib.suppress(InventoryError):
+                svc.inv.vf_release(svc.name, vf)
+        if view.host == svc.name:
+            with contextlib.suppress(InventoryError):
+                svc.inv.vm_set_state(name, VmState.ERROR)
+            report["failed"].append(name)
+            log_event(svc.log, "migration_incoming_lost", level=logging.ERROR, vm=name)
+            continue
+        with contextlib.suppress(Exception):
+            proc.remove_memory()
+        if view.vport is not None:
+            wwpn = view.vport.canonical()
+            dump = svc.pf_call("adapter_dump", lambda pf: pf.adapter_dump())
+            for vp in dump.get("vports", []):
+                if vp.get("wwpn") == wwpn:
+                    with contextlib.suppress(Exception):
+                        svc.pf_call("vport_logout", lambda pf, w=wwpn: pf.vport_logout(w))
+                    with contextlib.suppress(Exception):
+                        svc.pf_call("vport_delete", lambda pf, w=wwpn: pf.vport_delete(w))
+        report["thrown_away"].append(name)
+        log_event(svc.log, "migration_incoming_reclaimed", vm=name, pids=pids, vf=vf)
+    return report

@@ -53,6 +53,7 @@ from vfdirect.host.migration import (
     MigrateOptions,
     MigrationFailed,
     SourceMigration,
+    reclaim_incoming,
 )
 from vfdirect.host.vms import WORKLOADS, VmProcess, VmProcessError, is_vm_process
 from vfdirect.storage import StorageArray, StorageError
@@ -751,6 +752,8 @@ class HostService:
                 directory = array.directory
                 with contextlib.suppress(HostError):
                     self._pf("array_attach", lambda pf, d=directory: pf.array_attach(d))
+            # what incoming migrations that died with this host's last run left
+            report["incoming_reclaimed"] = reclaim_incoming(self)
             vfs = {int(v["vf"]): v for v in self._pf("vf_list", lambda pf: pf.vf_list())}
             known: set[int] = set()
             for view in self.inv.vm_list(host=self.name):

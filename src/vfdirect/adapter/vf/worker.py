@@ -1052,7 +1052,8 @@ class VfWorker:
         done = 0
         if self._executing or self._stale:
             done = self._reap()  # results of the IO threads, also while quiesced
-            self._answer_deferred()
+        if self._deferred:
+            self._answer_deferred()  # TMFs, once nothing is executing
         rings = self._serving_rings()
         if not rings:
             self._polling = False

@@ -19,14 +19,16 @@ Rules of this module:
   (or any target while the VF has no mapping or no bound, logged-in vport) answers
   VIRTIO_SCSI_S_BAD_TARGET; a LUN of an existing target without a logical unit is the
   SCSI core's LOGICAL UNIT NOT SUPPORTED;
-* task management (5.6.6.2): the VF executes each request to completion before it looks
-  at the next chain of any queue, so when a TMF is read no task of this I_T nexus is in
+* task management (5.6.6.2): when the VF answers a TMF no task of this I_T nexus is in
   the task set (it has completed and its used element is published, or it is still in
-  the available ring, not yet received). Per SAM-5 (which 5.6.6.2 maps 1-to-1) the
-  functions that act on tasks therefore complete with FUNCTION COMPLETE (nothing left to
-  abort or clear; QUERY TASK / QUERY TASK SET find no task, which is FUNCTION COMPLETE,
-  not FUNCTION SUCCEEDED); CLEAR ACA is FUNCTION REJECTED (ACA is not supported, NACA is
-  0); unknown functions are FUNCTION REJECTED;
+  the available ring, not yet received): by default the VF executes each request to
+  completion before it looks at the next chain of any queue; with IO threads (requests
+  executing concurrently, completed out of order) a control request waits until no
+  command of the VF is executing, and no new chain is fetched meanwhile. Per SAM-5
+  (which 5.6.6.2 maps 1-to-1) the functions that act on tasks therefore complete with
+  FUNCTION COMPLETE (nothing left to abort or clear; QUERY TASK / QUERY TASK SET find no
+  task, which is FUNCTION COMPLETE, not FUNCTION SUCCEEDED); CLEAR ACA is FUNCTION
+  REJECTED (ACA is not supported, NACA is 0); unknown functions are FUNCTION REJECTED;
 * asynchronous notification (5.6.6.2): no AN event class is supported, so a query or a
   subscription answers ``event_actual`` 0, response OK;
 * hot-plug (5.6.6.3): a change of the LUNs the VF exposes becomes TRANSPORT_RESET events
