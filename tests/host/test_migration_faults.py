@@ -30,6 +30,8 @@ import pytest
 from host_helpers import ARRAY_WWN, Host, make_san, wait_gone
 
 from vfdirect.host.client import ApiError
+from vfdirect.storage import StorageArray
+from vfdirect.storage.faults import FAULTS_ENV, clear_lun_faults, set_lun_faults
 
 A = ARRAY_WWN.canonical()
 pytestmark = pytest.mark.timeout(300)
@@ -51,6 +53,7 @@ class Cluster:
     h1: Host
     h2: Host
     root: Path
+    san: StorageArray
 
     @property
     def spec(self) -> Path:
@@ -67,7 +70,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("faults")
     san = make_san(root / "san")
     db = str(root / "cluster.db")
-    env = {"VFDIRECT_MIGRATION_FAULTS": f"@{root / 'faults.spec'}"}
+    env = {"VFDIRECT_MIGRATION_FAULTS": f"@{root / 'faults.spec'}",
+           FAULTS_ENV: "1"}
     h1 = Host(root / "run1", "h1", arrays=(san.directory,), db=db, env=env)
     h2 = Host(root / "run2", "h2", arrays=(san.directory,), db=db, env=env)
     started: list[Host] = []
@@ -77,7 +81,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             h.start()
         h1.cli("datastore", "create", "ds0", "--lun", f"{A}:0", "--lun", f"{A}:1",
                "--chunk-blocks", "64")
-        yield Cluster(h1, h2, root)
+        yield Cluster(h1, h2, root, san)
     finally:
         for h in started:
             h.cleanup()
@@ -88,7 +92,9 @@ def _print_counters() -> None:
     print("\n-- migration fault matrix --")
     for row in MATRIX:
         print("  {:<12} {:<14} {:<15} {}".format(*row))
-    print(f"faults injected: {COUNTERS['faults']}; checks run: {COUNTERS['checks']}")
+    print(f"faults injected: {COUNTERS['faults']}; checks run: {COUNTERS['checks']}; "
+          f"guest IO errors while the LUNs failed: "
+          f"{COUNTERS['guest_io_errors_while_luns_failed']}")
     for case, outstanding, mediated in IN_FLIGHT:
         print(f"  {case}: IO in flight at the fault {outstanding}, "
               f"mediated requests so far {mediated}")
@@ -204,6 +210,9 @@ PRE_COMMIT = [("source", "after_prepare"), ("source", "after_quiesce"),
               ("destination", "after_pages"), ("destination", "after_boot")]
 POST_COMMIT = [("source", "after_commit"), ("destination", "after_commit")]
 FAULTS = ["kill_dest_host", "kill_dest_vm", "cut"]
+#: how long both physical LUNs fail around the fault point (seconds before and after the
+#: migration goes on)
+LUN_FAIL_S = 0.4
 _serial = iter(range(1, 1_000_000))
 
 
@@ -299,16 +308,26 @@ def run_case(cl: Cluster, side: str, point: str, fault: str) -> dict[str, Any]:
                           int(progress.get("mediated_requests", 0))))
         if fault == "kill_dest_host":
             h2.kill9()
+        elif fault == "lun_fail":
+            for lun in (0, 1):
+                set_lun_faults(cl.san.lun_path(lun), fail="all")
+            time.sleep(LUN_FAIL_S)
         elif fault == "kill_dest_vm":
             pids = _wait_for(f"{name}'s process on h2", lambda: vm_processes(h2, name))
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
             check(all(wait_gone(p, 10.0) for p in pids), pids)
         hold.unlink()
+        if fault == "lun_fail":
+            time.sleep(LUN_FAIL_S)
+            for lun in (0, 1):
+                clear_lun_faults(cl.san.lun_path(lun))
         shown = migration_done(h1, ident)
         _mark(f"{name} migration done")
     finally:
         cl.faults("")
+        for lun in (0, 1):
+            clear_lun_faults(cl.san.lun_path(lun))
         with contextlib.suppress(FileNotFoundError):
             hold.unlink()
         if wait_gone(h2.pid, 0.0):  # killed: the host comes back (adapter kept)
@@ -338,6 +357,35 @@ def test_claim_X1_fault_before_commit_leaves_the_vm_on_the_source(
 
 
 POST_FAULTS = ["kill_dest_host", "cut"]
+
+
+@pytest.mark.parametrize(("side", "point"), PRE_COMMIT + POST_COMMIT,
+                         ids=[f"{s}-{p}" for s, p in PRE_COMMIT + POST_COMMIT])
+def test_physical_lun_failure_at_each_phase_loses_nothing(
+        cluster: Cluster, side: str, point: str) -> None:
+    """Both physical LUNs fail (every IO: MEDIUM ERROR) around a phase of the
+    migration. That is no fault of the migration: it ends (committed, or aborted before
+    the commit point) with the VM on the one host its outcome says; the guest saw IO
+    errors while the LUNs failed, none once they are back, and never a wrong block."""
+    shown = run_case(cluster, side, point, "lun_fail")
+    name = shown["vm_name"]
+    try:
+        progress = shown["progress"]
+        MATRIX.append((side, point, "lun_fail", progress["outcome"]))
+        check(progress["outcome"] in ("committed", "aborted"), progress)
+        on = cluster.h2 if progress["outcome"] == "committed" else cluster.h1
+        assert_vm_on(cluster, name, on, vport_names(on, name))
+        first = _wait_progress(on, name)
+        later = _wait_progress(on, name)
+        check(later["io_errors"] == first["io_errors"] and later["mismatches"] == 0,
+              (first, later))
+        COUNTERS["guest_io_errors_while_luns_failed"] += int(later["io_errors"])
+        on.api("POST", f"/v1/vms/{name}/stop")
+        result = _result(on, name)
+        check(result["mismatches"] == 0 and result["unresolved"] == 0 and
+              result["io_errors"] == later["io_errors"], result)
+    finally:
+        remove_vm(cluster, name)
 
 
 @pytest.mark.parametrize("fault", POST_FAULTS)

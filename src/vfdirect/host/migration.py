@@ -263,6 +263,8 @@ class SourceMigration:
         self.handed_over_vf: int | None = None
         self._memory: mmap.mmap | None = None
         self._resend = False
+        self._released = False
+        self._deferred: list[tuple[Phase, dict[str, Any]]] = []
         self._last_runs: list[tuple[int, int]] = []
         self._guest_marks: PageMarks | None = None
 
@@ -276,6 +278,13 @@ class SourceMigration:
 
     def _leave(self, phase: Phase, **detail: Any) -> None:
         self.report.leave(phase, _now())
+        if self._paused and not self._released:
+            # the VM is stopped: no database round trip now, the rows follow the commit
+            self._deferred.append((phase, detail))
+            return
+        self._persist(phase, detail)
+
+    def _persist(self, phase: Phase, detail: dict[str, Any]) -> None:
         log_event(self.log, "migration_phase", migration=self.ident, vm=self.vm,
                   vf=self._vf, vport=self._wwpn, phase=phase.value, state="leave", **detail)
         with contextlib.suppress(InventoryError):
@@ -284,6 +293,12 @@ class SourceMigration:
                 host=self.service.name, vm=self.vm, vport=self._wwpn, migration=self.ident,
                 detail={"vf": self._vf, **detail})
         self._save_report()
+
+    def _flush_deferred(self) -> None:
+        self._released = True
+        deferred, self._deferred = self._deferred, []
+        for phase, detail in deferred:
+            self._persist(phase, detail)
 
     def _save_report(self, outcome: MigrationOutcome | None = None) -> None:
         self.progress.report = {**self.report.to_dict(),
@@ -456,6 +471,7 @@ class SourceMigration:
         self.report.downtime_ns = _now() - paused_at
         self._leave(Phase.STOP_COPY, downtime_ms=self.report.downtime_ns / 1e6)
         self._release_source(proc, vf, wwpn, state_fds)
+        self._flush_deferred()
         self._leave(Phase.COMMIT)
         self._await_stall()
 
@@ -504,6 +520,17 @@ class SourceMigration:
                 fault_point("source", "precopy_round", channel=channel)
                 if policy.next_step(round_no, sent, PAGE_SIZE, bandwidth) == "stop_and_copy":
                     break
+            # the destination applies what it got and readies its VM process before the
+            # VM stops here (its backlog would be downtime); then one more dirty round
+            channel.send_json(SectionType.ROUND, {"sync": round_no})
+            echo = channel.receive(self.options.timeout_s)
+            if echo.type is SectionType.ERROR:
+                raise MigrationFailed(f"destination: {echo.json.get('message')}")
+            if echo.type is not SectionType.ROUND:
+                raise MigrationFailed(f"destination answered {echo.type.name}, not ROUND")
+            round_no += 1
+            start = _now()
+            self._round(round_no, self._send_dirty(channel), start)
         finally:
             self._leave(Phase.PRECOPY, rounds=round_no + 1)
 
@@ -519,7 +546,8 @@ class SourceMigration:
             stats = self._mediated.stats()
             self.progress.mediated_requests = int(stats.get("requests", 0))
             self.progress.outstanding = int(stats.get("outstanding", 0))
-        self._save_report()
+        if not self._paused:
+            self._save_report()
 
     def _send_all(self, channel: Channel, memory: mmap.mmap) -> int:
         total = len(memory) // PAGE_SIZE
@@ -589,6 +617,8 @@ class SourceMigration:
 
     def _abort(self, why: str) -> MigrationOutcome:
         """X1: the VM continues on the source VF with nothing lost."""
+        with contextlib.suppress(Exception):
+            self._flush_deferred()
         self.report.enter(Phase.ABORT, _now())
         self.progress.phase = Phase.ABORT.value
         svc = self.service
@@ -796,33 +826,61 @@ class IncomingMigration:
         # the downtime budget) and waits for its memory; its VF is assigned to it, the
         # mapping loaded and the vport bound while the pages arrive
         vf, wwpn = self.vf, self.wwpn
-        pid = proc.spawn(memory_bytes=memory_bytes, workload=svc.vm_workload(self.vm),
-                         restart=True, incoming=True,
-                         extra_args=nbd_exports.spawn_args(proc))
-        svc.pf_call("vf_assign", lambda pf: pf.vf_assign(vf, self.vm, pid))
-        svc.load_mapping(self.vm, vf)
-        svc.pf_call("vport_bind", lambda pf: pf.vport_bind(wwpn, vf))
-        fault_point("destination", "after_spawn", channel=channel, vm=proc)
+        ready: dict[str, Any] = {}
+
+        def start_vm() -> None:
+            try:
+                pid = proc.spawn(memory_bytes=memory_bytes, workload=svc.vm_workload(self.vm),
+                                 restart=True, incoming=True,
+                                 extra_args=nbd_exports.spawn_args(proc))
+                ready["pid"] = pid
+                svc.pf_call("vf_assign", lambda pf: pf.vf_assign(vf, self.vm, pid))
+                svc.load_mapping(self.vm, vf)
+                svc.pf_call("vport_bind", lambda pf: pf.vport_bind(wwpn, vf))
+                fault_point("destination", "after_spawn", channel=channel, vm=proc)
+            except BaseException as exc:
+                ready["error"] = exc
+
+        starter = threading.Thread(target=start_vm, name=f"incoming-vm-{self.vm}",
+                                   daemon=True)
+        starter.start()
+
+        def vm_started() -> int:
+            starter.join(self.options.timeout_s)
+            if starter.is_alive():
+                raise MigrationFailed("the VM process did not start in time")
+            error = ready.get("error")
+            if error is not None:
+                raise MigrationFailed(f"starting the VM: {error}") from None
+            return int(ready["pid"])
+
         state: dict[str, Any] | None = None
+        fresh = True  # ZERO sections of round 0 land on the new, all-zero file
         with _mapped(proc.memory, memory_bytes, write=True) as memory:
             while True:
                 section = channel.receive()
                 if section.type is SectionType.PAGES:
                     start = section.first_page * PAGE_SIZE
                     end = start + section.count * PAGE_SIZE
-                    if section.data is None or not len(section.data):
-                        memory[start:end] = bytes(end - start)
-                    else:
+                    if section.data is not None and len(section.data):
                         memory[start:end] = section.data
+                    elif fresh is False:
+                        memory[start:end] = bytes(end - start)
+                    # ZERO pages on the fresh (all-zero) file: nothing to write
+                elif section.type is SectionType.ROUND:
+                    # the source stops its VM next: be ready for it
+                    vm_started()
+                    fresh = False
+                    channel.send_json(SectionType.ROUND, section.json)
                 elif section.type is SectionType.STATE:
                     state = section.json
                 elif section.type is SectionType.END:
                     break
                 elif section.type is SectionType.ABORT:
                     raise MigrationFailed(f"the source aborted: {section.json.get('reason')}")
-            memory.flush()
         if state is None:
             raise MigrationFailed("the stream ended without the VM's state")
+        pid = vm_started()
         # B7, second half: page 0 names this host's VF; the guest boots on its memory
         svc.write_fwtable(self.vm, vf)
         fault_point("destination", "after_pages", channel=channel, vm=proc)

@@ -25,6 +25,7 @@ import os
 import secrets
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -646,9 +647,11 @@ class HostService:
 
     def migration_show(self, ident: str) -> dict[str, Any]:
         """A migration's record; while this host runs it, with its live progress."""
-        view = self.inv.migration_get(ident)
         live = self._migrations.get(ident)
-        return {"migration": view, "progress": None if live is None else live.progress.dump()}
+        # progress first: once it says done, the record read after it is final
+        progress = None if live is None else live.progress.dump()
+        view = self.inv.migration_get(ident)
+        return {"migration": view, "progress": progress}
 
     def migration_incoming(self, ident: str, vm: str, source: str,
                            source_port_name: str) -> dict[str, Any]:
@@ -727,7 +730,14 @@ class HostService:
 
     # -- shutdown and reconciliation -------------------------------------------------
 
-    def shutdown_vms(self) -> None:
+    def shutdown_vms(self, migration_wait_s: float = 60.0) -> None:
+        """Stop this host's VMs; migrations under way finish (commit or abort) first, so
+        that no VM process of theirs is left behind on either host."""
+        deadline = time.monotonic() + migration_wait_s
+        for migration in list(self._migrations.values()):
+            migration.thread.join(max(0.0, deadline - time.monotonic()))
+        for incoming in list(self._incoming.values()):
+            incoming.done.wait(max(0.0, deadline - time.monotonic()))
         for view in self.inv.vm_list(host=self.name):
             if view.state in _LIVE:
                 with contextlib.suppress(Exception):

@@ -27,8 +27,9 @@ Ordering (:class:`Direction`; :class:`UnexpectedSection` otherwise):
 * ``source-to-destination``: HELLO first; then PAGES, ROUND and STATE in any order; then
   END; after END only COMMIT or ABORT. ABORT is allowed at any time (even first). Nothing
   may follow COMMIT or ABORT.
-* ``destination-to-source``: READY, DONE, ERROR and ABORT only; READY at most once, DONE
-  only after READY; nothing may follow DONE, ERROR or ABORT.
+* ``destination-to-source``: ROUND (the echo of a source's ROUND: everything before it
+  is applied), READY, DONE, ERROR and ABORT only; ROUND only before READY, READY at most
+  once, DONE only after READY; nothing may follow DONE, ERROR or ABORT.
 
 Checks happen in this order: a header announcing more than :data:`MAX_PAYLOAD` fails as
 soon as the header is in (:class:`SectionTooLarge`); once the whole section is in, the
@@ -123,7 +124,7 @@ _S2D_TYPES = frozenset({SectionType.HELLO, SectionType.PAGES, SectionType.ROUND,
                         SectionType.STATE, SectionType.END, SectionType.COMMIT,
                         SectionType.ABORT})
 _D2S_TYPES = frozenset({SectionType.READY, SectionType.DONE, SectionType.ERROR,
-                        SectionType.ABORT})
+                        SectionType.ABORT, SectionType.ROUND})
 
 
 class StreamError(Exception):
@@ -265,6 +266,8 @@ class _Order:
             return "a second READY"
         if kind is SectionType.DONE and SectionType.READY not in self.seen:
             return "DONE before READY"
+        if kind is SectionType.ROUND and SectionType.READY in self.seen:
+            return "ROUND after READY"
         return None
 
     def advance(self, kind: SectionType) -> None:
