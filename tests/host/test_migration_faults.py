@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from host_helpers import ARRAY_WWN, Host, make_san, wait_gone
+from host_helpers import ARRAY_WWN, Host, wait_gone
 
 from vfdirect.host.client import ApiError
 from vfdirect.storage import StorageArray
@@ -38,6 +38,8 @@ pytestmark = pytest.mark.timeout(300)
 
 #: every bounded wait of this file
 WAIT_S = 90.0
+#: 32 MiB sparse LUNs
+SAN_LUN_BLOCKS = 65536
 
 #: faults injected, checks run, IO in flight at each fault (printed at the end)
 COUNTERS: Counter[str] = Counter()
@@ -68,7 +70,10 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("faults")
-    san = make_san(root / "san")
+    # room for every case's two fresh vdisks (freed blocks are not reused at once)
+    san = StorageArray.create(root / "san" / "array0", ARRAY_WWN)
+    for _ in range(2):
+        san.lun_create(SAN_LUN_BLOCKS, 512)
     db = str(root / "cluster.db")
     env = {"VFDIRECT_MIGRATION_FAULTS": f"@{root / 'faults.spec'}",
            FAULTS_ENV: "1"}
@@ -293,6 +298,10 @@ def run_case(cl: Cluster, side: str, point: str, fault: str) -> dict[str, Any]:
     spec = f"{side}:{point}:hold={hold}"
     if fault == "cut":
         spec += f",{side}:{point}:close"
+    if (side, point) == ("source", "after_end"):
+        # the source sent END: the destination would boot and answer READY while the
+        # source waits here (the fault would come after READY); it waits before READY
+        spec += f",destination:after_boot:hold={hold}"
     start_verify_vm(h1, name)
     _mark(f"{name} vm started")
     hold.touch()

@@ -37,6 +37,7 @@ import logging
 import mmap
 import os
 import secrets
+import select
 import signal
 import socket
 import threading
@@ -157,6 +158,8 @@ class Channel:
 
     def __init__(self, sock: socket.socket, role: str, timeout: float) -> None:
         self.sock = sock
+        #: bounds a send that makes no progress (see :meth:`_sendall`)
+        self.send_timeout = timeout
         self.sock.settimeout(timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.encoder = StreamEncoder()
@@ -166,16 +169,47 @@ class Channel:
         self.sock.sendall(self.encoder.preamble())
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        self._sendall(data)
         self.bytes_sent += len(data)
+
+    def _sendall(self, data: bytes) -> None:
+        """Send everything; a peer that closed its end (it does not read any more, its
+        window may stay shut) fails the send at once instead of after the timeout."""
+        view = memoryview(data)
+        stalled = 0.0
+        while view:
+            _, writable, _ = select.select([], [self.sock], [], 0.25)
+            if writable:
+                try:
+                    sent = self.sock.send(view[:1 << 20])
+                except TimeoutError:
+                    sent = 0
+                except OSError as exc:
+                    raise MigrationFailed(f"migration connection: {exc}") from None
+                view = view[sent:]
+                stalled = 0.0
+                continue
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if readable:
+                try:
+                    peek = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    peek = b"?"
+                except OSError as exc:
+                    raise MigrationFailed(f"migration connection: {exc}") from None
+                if not peek:
+                    raise MigrationFailed("the other host closed the migration connection")
+            stalled += 0.25
+            if stalled >= self.send_timeout:
+                raise MigrationFailed("the other host did not take the stream in time")
 
     def send_json(self, kind: SectionType, obj: dict[str, Any]) -> None:
         self.send(self.encoder.json(kind, obj))
 
     def send_pages(self, first: int, data: bytes) -> None:
         header = self.encoder.pages_header(first, len(data) // PAGE_SIZE, data)
-        self.sock.sendall(header)
-        self.sock.sendall(data)
+        self._sendall(header)
+        self._sendall(data)
         self.bytes_sent += len(header) + len(data)
 
     def send_zero(self, first: int, count: int) -> None:
@@ -463,7 +497,7 @@ class SourceMigration:
         svc.inv.vm_set_host(self.vm, self.destination)
         self._committed = True
         fault_point("source", "after_commit", channel=channel, vm=proc)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, MigrationFailed):
             channel.send_json(SectionType.COMMIT, {"migration": self.ident})
         with contextlib.suppress(MigrationFailed):
             channel.receive(self.options.timeout_s)  # DONE: the VM runs there
@@ -623,7 +657,9 @@ class SourceMigration:
         self.progress.phase = Phase.ABORT.value
         svc = self.service
         if self._channel is not None:
-            with contextlib.suppress(OSError):
+            # a peer that does not read must not hold the abort up
+            self._channel.send_timeout = min(self._channel.send_timeout, 2.0)
+            with contextlib.suppress(OSError, MigrationFailed):
                 self._channel.send_json(SectionType.ABORT, {"reason": why[:500]})
             self._channel.close()
         outcome = MigrationOutcome.ABORTED
@@ -886,6 +922,8 @@ class IncomingMigration:
         fault_point("destination", "after_pages", channel=channel, vm=proc)
         proc.boot_incoming(timeout=self.options.timeout_s)
         fault_point("destination", "after_boot", channel=channel, vm=proc)
+        if not proc.alive():  # READY promises a booted VM process
+            raise MigrationFailed(f"VM {self.vm!r}: its process died after it booted")
         channel.send_json(SectionType.READY, {"pid": pid, "vf": vf})
         # wait for the commit; a lost COMMIT is found in the inventory
         try:
@@ -902,7 +940,7 @@ class IncomingMigration:
         fault_point("destination", "after_commit", channel=channel, vm=proc)
         proc.go()
         proc.wait_event("vm_connected", after=proc.boot_offset, timeout=30.0)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, MigrationFailed):
             channel.send_json(SectionType.DONE, {"pid": pid, "vf": vf})
         self._logged_in = self._vf_reserved = False  # the VM owns them now
         svc.inv.vm_set_state(self.vm, VmState.RUNNING, pid=pid)
@@ -1000,9 +1038,9 @@ class IncomingMigration:
 # -- after a restart of the destination host ----------------------------------------------
 
 
-def _incoming_pids(run_dir: Path, name: str) -> list[int]:
-    """Live ``vm-run --incoming`` processes of VM ``name`` started by this host (their
-    memory file is in its run dir): what a migration's destination spawns."""
+def _vm_pids(run_dir: Path, name: str, *, incoming: bool) -> list[int]:
+    """Live ``vm-run`` processes of VM ``name`` started by this host (their memory file
+    is in its run dir); ``incoming``: only those a migration's destination spawns."""
     memory = str(vm_dir(run_dir, name)).encode()
     pids = []
     for entry in Path("/proc").iterdir():
@@ -1012,7 +1050,7 @@ def _incoming_pids(run_dir: Path, name: str) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"--incoming" in argv and any(a.startswith(memory) for a in argv) \
+        if (b"--incoming" in argv or not incoming) and any(a.startswith(memory) for a in argv) \
                 and is_vm_process(int(entry.name), name):
             pids.append(int(entry.name))
     return pids
@@ -1029,6 +1067,14 @@ def _booted(proc: VmProcess, pid: int) -> bool:
     return booted
 
 
+def _last_destination(svc: HostService, vm: str) -> bool:
+    """Whether the VM's latest migration came to this host."""
+    with contextlib.suppress(InventoryError):
+        last = svc.inv.migration_list(vm=vm, limit=1)
+        return bool(last) and last[0].destination == svc.name and last[0].source != svc.name
+    return False
+
+
 def reclaim_incoming(service: HostService) -> dict[str, list[str]]:
     """After this host restarts (before its reconciliation): what incoming migrations
     that died with its previous run left behind (X1, B7).
@@ -1043,14 +1089,18 @@ def reclaim_incoming(service: HostService) -> dict[str, list[str]]:
     run_dir = svc.config.run_dir
     report: dict[str, list[str]] = {"thrown_away": [], "adopted": [], "failed": []}
     held = {a.vm: int(a.vf) for a in svc.inv.vf_list(host=svc.name)}
+    # MIGRATING here: committed to this host by a migration it was the destination of
     names = set(held) | {v.name for v in svc.inv.vm_list(host=svc.name)
-                         if v.state is VmState.MIGRATING}
+                         if v.state is VmState.MIGRATING and _last_destination(svc, v.name)}
     vfs = {int(v["vf"]): v for v in svc.pf_call("vf_list", lambda pf: pf.vf_list())}
     for name in sorted(names):
         view = svc.inv.vm_get(name)
-        pids = _incoming_pids(run_dir, name)
-        if view.host == svc.name and view.state is not VmState.MIGRATING:
+        if view.host == svc.name and (view.state is not VmState.MIGRATING
+                                      or not _last_destination(svc, name)):
             continue  # the VM runs here (or is stopped): reconcile's business
+        # a VM elsewhere has no process here at all; one committed here may have the
+        # process its incoming migration started
+        pids = _vm_pids(run_dir, name, incoming=view.host == svc.name)
         proc = svc.vm_process(name)
         vf = held.get(name)
         if view.host == svc.name:
