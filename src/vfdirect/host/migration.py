@@ -475,14 +475,15 @@ class SourceMigration:
                 self.report.mediated_requests = int(mediated.stats().get("requests", 0))
                 fault_point("source", "after_pause", channel=channel, vm=proc)
                 self._send_dirty(channel, final=True)
+                channel.send_json(SectionType.STATE, {
+                    "queue_state": state, "spec": proc.read_spec(),
+                    "vcpu": {"paused_at_ns": time.time_ns(),
+                             "memory_bytes": view.memory_bytes, "port_name": port_name}})
+                channel.send_json(SectionType.END, {"pages": self.progress.pages_sent,
+                                                    "bytes": channel.bytes_sent})
             finally:
+                # unmapping a large memory costs milliseconds: after END is on its way
                 self._memory = self._guest_marks = None
-        channel.send_json(SectionType.STATE, {
-            "queue_state": state, "spec": proc.read_spec(),
-            "vcpu": {"paused_at_ns": time.time_ns(), "memory_bytes": view.memory_bytes,
-                     "port_name": port_name}})
-        channel.send_json(SectionType.END, {"pages": self.progress.pages_sent,
-                                            "bytes": channel.bytes_sent})
         self.progress.bytes_sent = self.report.bytes_sent = channel.bytes_sent
         fault_point("source", "after_end", channel=channel, vm=proc)
         # -- B7: the destination starts the VM

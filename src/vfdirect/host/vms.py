@@ -187,7 +187,7 @@ class VmProcess:
                                      f"{self.proc.returncode}; see {self.console}")
             if time.monotonic() >= deadline:
                 raise VmProcessError(f"VM {self.name!r}: not booted in {timeout:g} s")
-            time.sleep(0.01)
+            time.sleep(0.002)
 
     def prepare_memory(self, memory_bytes: int) -> None:
         """A fresh, zeroed memory file of ``memory_bytes`` (a migration's destination
@@ -228,6 +228,7 @@ class VmProcess:
 
     def wait_event(self, event: str, *, after: int = 0, timeout: float = 20.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
+        pause = 0.002  # short at first: a migration's downtime waits on these events
         while True:
             for item in self._events_after(after):
                 if item.get("event") == event:
@@ -238,7 +239,8 @@ class VmProcess:
                                      f"{self.console}")
             if time.monotonic() >= deadline:
                 raise VmProcessError(f"VM {self.name!r}: no {event} in {timeout:g} s")
-            time.sleep(0.02)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
 
     def _events_after(self, offset: int) -> list[dict[str, Any]]:
         try:
