@@ -294,22 +294,25 @@ def run_case(cl: Cluster, side: str, point: str, fault: str) -> dict[str, Any]:
     h1, h2 = cl.h1, cl.h2
     name = f"m{next(_serial)}"
     hold = cl.root / f"hold-{name}"
-    reached = hold.with_name(hold.name + ".reached")
     spec = f"{side}:{point}:hold={hold}"
     if fault == "cut":
         spec += f",{side}:{point}:close"
+    holds = [hold]
     if (side, point) == ("source", "after_end"):
         # the source sent END: the destination would boot and answer READY while the
         # source waits here (the fault would come after READY); it waits before READY
-        spec += f",destination:after_boot:hold={hold}"
+        holds.append(hold.with_name(hold.name + "-destination"))
+        spec += f",destination:after_boot:hold={holds[1]}"
     start_verify_vm(h1, name)
     _mark(f"{name} vm started")
-    hold.touch()
+    for h in holds:
+        h.touch()
     cl.faults(spec)
     try:
         started = h1.cli_json("vm", "migrate", name, "--to", h2.name, "--no-wait")
         ident = started["migration"]
-        _wait_for(f"{side}:{point}", reached.exists)
+        for h in holds:
+            _wait_for(f"{side}:{point}", h.with_name(h.name + ".reached").exists)
         _mark(f"{name} reached")
         COUNTERS["faults"] += 1
         progress = h1.api("GET", f"/v1/migrations/{ident}").get("progress") or {}
@@ -326,7 +329,13 @@ def run_case(cl: Cluster, side: str, point: str, fault: str) -> dict[str, Any]:
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
             check(all(wait_gone(p, 10.0) for p in pids), pids)
-        hold.unlink()
+        holds[0].unlink()
+        if len(holds) > 1:
+            if fault == "cut":
+                # the source cuts before the destination answers (else READY may be in
+                # the source's socket before it cuts, and it commits: legitimately)
+                migration_done(h1, ident)
+            holds[1].unlink()
         if fault == "lun_fail":
             time.sleep(LUN_FAIL_S)
             for lun in (0, 1):
@@ -337,8 +346,9 @@ def run_case(cl: Cluster, side: str, point: str, fault: str) -> dict[str, Any]:
         cl.faults("")
         for lun in (0, 1):
             clear_lun_faults(cl.san.lun_path(lun))
-        with contextlib.suppress(FileNotFoundError):
-            hold.unlink()
+        for h in holds:
+            with contextlib.suppress(FileNotFoundError):
+                h.unlink()
         if wait_gone(h2.pid, 0.0):  # killed: the host comes back (adapter kept)
             h2.start()
     shown["vm_name"] = name

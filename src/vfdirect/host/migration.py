@@ -28,6 +28,15 @@ continued; the destination throws away what it made. After the commit point the 
 the destination whatever happens to the connection: a destination that lost the COMMIT
 message finds the commit in the inventory. The VM is never served by two hosts: the
 source VM is paused and its mediated path stopped before READY is even asked for.
+
+A destination that loses the connection after READY waits for the decision in the
+inventory (the VM moved to it, or the migration ended without that) before it throws
+anything away; a destination VM process that dies after the commit point is replaced
+by one resumed on the (complete) received memory, else the VM is left in ERROR on the
+destination. A destination host killed mid-migration cleans up at its restart
+(:func:`reclaim_incoming`, called by the reconciliation): it kills the VM process it
+had started, releases the VF and logs out the vport of a VM that stayed on its source,
+and adopts the booted VM process of one that was committed to it.
 """
 
 from __future__ import annotations
@@ -930,11 +939,11 @@ class IncomingMigration:
         try:
             section = channel.receive(self.options.timeout_s)
             committed = section.type is SectionType.COMMIT
+            lost = False
         except MigrationFailed:
-            committed = False
-        if not committed:
-            with contextlib.suppress(InventoryError):
-                committed = svc.inv.vm_get(self.vm).host == svc.name
+            committed, lost = False, True
+        if lost:
+            committed = self._await_decision()
         if not committed:
             raise MigrationFailed("the source did not commit")
         self._committed = True  # from here on the VM is this host's, whatever happens
@@ -953,6 +962,23 @@ class IncomingMigration:
             event = proc.wait_event("vm_stall", after=proc.boot_offset, timeout=10.0)
             svc.inv.migration_update(self.ident,
                                      detail={"worst_stall_ms": event.get("stall_ms")})
+
+    def _await_decision(self) -> bool:
+        """The connection went after READY, before COMMIT came: the source may commit
+        still (it may have READY in hand). Whether it did is in the inventory: the VM
+        moved here (committed) or the migration ended without that (the source
+        aborted); giving up earlier could throw away a VM the source hands over."""
+        svc = self.service
+        deadline = time.monotonic() + self.options.timeout_s
+        while True:
+            with contextlib.suppress(InventoryError):
+                if svc.inv.vm_get(self.vm).host == svc.name:
+                    return True
+                if svc.inv.migration_get(self.ident).outcome != MigrationOutcome.RUNNING:
+                    return svc.inv.vm_get(self.vm).host == svc.name
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def _fail_committed(self, error: str) -> None:
         """After the commit point the VM is this host's (the source let go of it). Its
