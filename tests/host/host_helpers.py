@@ -201,3 +201,42 @@ class Host:
                 self.cli("host", "stop", "--wait", "30", check=False)
         for pid in sorted(self.pids):
             _kill(pid)
+
+
+# -- a VM's console (its JSON event lines) -------------------------------------------------
+
+
+def console_events(h: Host, name: str) -> list[dict[str, Any]]:
+    """The JSON lines of VM ``name``'s console on host ``h`` (a line being written is
+    skipped)."""
+    out: list[dict[str, Any]] = []
+    path = h.run_dir / "vms" / name / "console.log"
+    if not path.exists():
+        return out
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def wait_verify_progress(h: Host, name: str, timeout: float = WAIT_S) -> dict[str, Any]:
+    """Progress lines of the VM's current process on ``h`` show more writes and reads."""
+    deadline = time.monotonic() + timeout
+    first = len(console_events(h, name))
+    while True:
+        new = [e for e in console_events(h, name)[first:]
+               if e.get("event") == "verify_progress"]
+        if len(new) >= 2 and new[-1]["writes"] > new[0]["writes"] and \
+                new[-1]["verified"] > new[0]["verified"]:
+            return new[-1]
+        assert time.monotonic() < deadline, f"no verify progress of {name} on {h.name}"
+        time.sleep(0.1)
+
+
+def verify_result(h: Host, name: str) -> dict[str, Any]:
+    """The last result line of the verify workload in VM ``name``'s console on ``h``."""
+    results = [e for e in console_events(h, name) if e.get("workload") == "verify"
+               and "ok" in e]
+    assert results, f"no verify result in {name}'s console on {h.name}"
+    return results[-1]

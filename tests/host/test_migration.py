@@ -4,7 +4,6 @@ claims B1-B7 and X1-X4 through the CLI and the API."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -14,52 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from host_helpers import ARRAY_WWN, Host
+from host_helpers import ARRAY_WWN, Host, verify_result, wait_verify_progress
 
 from vfdirect.adapter.pf_client import PfClient
 from vfdirect.storage import StorageArray
 
 A = ARRAY_WWN.canonical()
 pytestmark = pytest.mark.timeout(600)
-
-
-def _console(h: Host, name: str) -> list[dict[str, Any]]:
-    out = []
-    path = h.run_dir / "vms" / name / "console.log"
-    if not path.exists():
-        return out
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a line being written
-    return out
-
-
-def _progress(h: Host, name: str) -> dict[str, Any]:
-    events = [e for e in _console(h, name) if e.get("event") == "verify_progress"]
-    return events[-1] if events else {"writes": 0, "reads": 0, "verified": 0, "errors": 0}
-
-
-def _wait_progress(h: Host, name: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Progress lines of the VM's current process on ``h`` show more writes and reads."""
-    deadline = time.monotonic() + timeout
-    first = len(_console(h, name))
-    while True:
-        new = [e for e in _console(h, name)[first:] if e.get("event") == "verify_progress"]
-        if len(new) >= 2 and new[-1]["writes"] > new[0]["writes"] and \
-                new[-1]["verified"] > new[0]["verified"]:
-            return new[-1]
-        assert time.monotonic() < deadline, f"no verify progress on {h.name}"
-        time.sleep(0.1)
-
-
-def _result(h: Host, name: str) -> dict[str, Any]:
-    results = [e for e in _console(h, name) if e.get("workload") == "verify"
-               and "ok" in e]
-    assert results, f"no verify result in {name}'s console on {h.name}"
-    return results[-1]
 
 
 @pytest.fixture
@@ -82,7 +42,7 @@ def _start_verify_vm(h: Host, name: str = "vm1") -> dict[str, Any]:
     h.cli("vm", "attach", name, "d1")
     h.cli("vm", "attach", name, "d2")
     vm: dict[str, Any] = h.cli_json("vm", "start", name)
-    _wait_progress(h, name)
+    wait_verify_progress(h, name)
     return vm
 
 
@@ -111,7 +71,7 @@ def test_claim_B7_vm_moves_to_the_destination_and_continues_its_io(
     assert on2["vf_mapping"] is not None and on2["vf_mapping"] == on2["inventory_mapping"]
     assert not Path(f"/proc/{old_pid}").exists() or \
         "Z" in Path(f"/proc/{old_pid}/stat").read_text().rsplit(")", 1)[-1][:3]
-    after = _wait_progress(h2, "vm1")
+    after = wait_verify_progress(h2, "vm1")
     assert after["errors"] == 0, after
     adapter1 = h1.cli_json("adapter", "show")
     assert all((v.get("vm") or {}).get("name") != "vm1" for v in adapter1.get("vfs", [])), \
@@ -119,7 +79,7 @@ def test_claim_B7_vm_moves_to_the_destination_and_continues_its_io(
     # the record is in the inventory and shown by vm show (X4)
     assert on2["migrations"][0]["id"] == shown["id"]
     h2.cli("vm", "stop", "vm1")
-    result = _result(h2, "vm1")
+    result = verify_result(h2, "vm1")
     assert result["ok"] and result["errors"] == 0, result
 
 
@@ -160,7 +120,7 @@ def test_claim_X3_X4_vport_follows_the_vm_and_every_phase_is_reported(
     # B2: the drain found nothing outstanding in the VF (it completes in order)
     assert back["report"]["drained"] is True
     h1.cli("vm", "stop", "vm1")
-    result = _result(h1, "vm1")
+    result = verify_result(h1, "vm1")
     assert result["ok"] and result["errors"] == 0, result
 
 
@@ -175,12 +135,12 @@ def test_ping_pong_migrations_under_verify_lose_nothing(cluster: tuple[Host, Hos
         shown = _migrate(src, dst)
         assert shown["outcome"] == "committed", (i, shown)
         outstanding.append(shown["report"]["guest_in_flight_at_handoff"])
-        _wait_progress(dst, "vm1")
+        wait_verify_progress(dst, "vm1")
     # IO was in flight when the VF was quiesced (asserted, not assumed)
     assert sum(outstanding) > 0, outstanding
     last = pair[(count - 1) % 2][1]
     last.cli("vm", "stop", "vm1")
-    result = _result(last, "vm1")
+    result = verify_result(last, "vm1")
     assert result["ok"] and result["errors"] == 0 and result.get("mismatches", 0) == 0, result
     print(f"{count} migrations; guest requests in flight at the hand-off: "
           f"{sum(outstanding)} total, max {max(outstanding)}")

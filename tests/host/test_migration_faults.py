@@ -16,7 +16,6 @@ after ``vm stop``, the verify workload's final result (ok, 0 errors, 0 mismatche
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import time
@@ -27,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from host_helpers import ARRAY_WWN, Host, wait_gone
+from host_helpers import (
+    ARRAY_WWN,
+    Host,
+    verify_result,
+    wait_gone,
+    wait_verify_progress,
+)
 
 from vfdirect.host.client import ApiError
 from vfdirect.storage import StorageArray
@@ -121,37 +126,6 @@ def _mark(what: str) -> None:
 # -- reading the VM and the adapters ------------------------------------------------------
 
 
-def _console(h: Host, name: str) -> list[dict[str, Any]]:
-    out = []
-    path = h.run_dir / "vms" / name / "console.log"
-    if not path.exists():
-        return out
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
-
-
-def _wait_progress(h: Host, name: str, timeout: float = WAIT_S) -> dict[str, Any]:
-    """Progress lines of the VM's current process on ``h`` show more writes and reads."""
-    deadline = time.monotonic() + timeout
-    first = len(_console(h, name))
-    while True:
-        new = [e for e in _console(h, name)[first:] if e.get("event") == "verify_progress"]
-        if len(new) >= 2 and new[-1]["writes"] > new[0]["writes"] and \
-                new[-1]["verified"] > new[0]["verified"]:
-            return new[-1]
-        assert time.monotonic() < deadline, f"no verify progress of {name} on {h.name}"
-        time.sleep(0.1)
-
-
-def _result(h: Host, name: str) -> dict[str, Any]:
-    results = [e for e in _console(h, name) if e.get("workload") == "verify" and "ok" in e]
-    assert results, f"no verify result in {name}'s console on {h.name}"
-    return results[-1]
-
-
 def vm_processes(h: Host, name: str) -> list[int]:
     """Live ``vm-run`` processes of VM ``name`` whose memory lives in ``h``'s run dir."""
     memory = str(h.run_dir / "vms" / name).encode()
@@ -230,7 +204,7 @@ def start_verify_vm(h: Host, name: str) -> None:
                                      "capacity_blocks": 256})
         h.api("POST", f"/v1/vms/{name}/attach", {"vdisk": f"{name}{disk}"})
     h.api("POST", f"/v1/vms/{name}/start")
-    _wait_progress(h, name)
+    wait_verify_progress(h, name)
 
 
 def remove_vm(cl: Cluster, name: str) -> None:
@@ -281,9 +255,9 @@ def assert_vm_on(cl: Cluster, name: str, on: Host, wwpns: set[str]) -> int:
 
 def finish_verify(cl: Cluster, name: str, on: Host) -> None:
     """The workload goes on where the VM is, and ends ok with nothing lost."""
-    _wait_progress(on, name)
+    wait_verify_progress(on, name)
     on.api("POST", f"/v1/vms/{name}/stop")
-    result = _result(on, name)
+    result = verify_result(on, name)
     check(result["ok"] and result["errors"] == 0 and result.get("mismatches", 0) == 0,
           result)
 
@@ -394,13 +368,13 @@ def test_physical_lun_failure_at_each_phase_loses_nothing(
         check(progress["outcome"] in ("committed", "aborted"), progress)
         on = cluster.h2 if progress["outcome"] == "committed" else cluster.h1
         assert_vm_on(cluster, name, on, vport_names(on, name))
-        first = _wait_progress(on, name)
-        later = _wait_progress(on, name)
+        first = wait_verify_progress(on, name)
+        later = wait_verify_progress(on, name)
         check(later["io_errors"] == first["io_errors"] and later["mismatches"] == 0,
               (first, later))
         COUNTERS["guest_io_errors_while_luns_failed"] += int(later["io_errors"])
         on.api("POST", f"/v1/vms/{name}/stop")
-        result = _result(on, name)
+        result = verify_result(on, name)
         check(result["mismatches"] == 0 and result["unresolved"] == 0 and
               result["io_errors"] == later["io_errors"], result)
     finally:

@@ -7,13 +7,12 @@ finished; the migration commits and the guest's ``verify`` workload loses nothin
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from host_helpers import ARRAY_WWN, Host
+from host_helpers import ARRAY_WWN, Host, console_events, wait_verify_progress
 
 from vfdirect.storage import StorageArray
 from vfdirect.storage.faults import FAULTS_ENV, clear_lun_faults, set_lun_faults
@@ -21,32 +20,6 @@ from vfdirect.storage.faults import FAULTS_ENV, clear_lun_faults, set_lun_faults
 A = ARRAY_WWN.canonical()
 DELAY_MS = 300
 pytestmark = pytest.mark.timeout(600)
-
-
-def _console(h: Host, name: str) -> list[dict[str, Any]]:
-    path = h.run_dir / "vms" / name / "console.log"
-    out: list[dict[str, Any]] = []
-    if not path.exists():
-        return out
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a line being written
-    return out
-
-
-def _wait_progress(h: Host, name: str, timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    first = len(_console(h, name))
-    while True:
-        new = [e for e in _console(h, name)[first:] if e.get("event") == "verify_progress"]
-        if len(new) >= 2 and new[-1]["writes"] > new[0]["writes"] and \
-                new[-1]["verified"] > new[0]["verified"]:
-            return new[-1]
-        assert time.monotonic() < deadline, f"no verify progress on {h.name}"
-        time.sleep(0.1)
 
 
 def _slow(san: StorageArray, delay_ms: int | None) -> None:
@@ -74,7 +47,7 @@ def test_claim_X2_drain_deadline_falls_back_to_mediated_path(
     h1.cli("vm", "attach", "vm1", "d1")
     h1.cli("vm", "attach", "vm1", "d2")
     h1.cli_json("vm", "start", "vm1")
-    _wait_progress(h1, "vm1")
+    wait_verify_progress(h1, "vm1")
     try:
         _slow(san, DELAY_MS)  # every IO now takes 300 ms: the guest's are in the VF
         time.sleep(1.0)
@@ -98,10 +71,10 @@ def test_claim_X2_drain_deadline_falls_back_to_mediated_path(
     assert not [e for e in h1.events() if e.get("event") == "mediated_error"]
     on2 = h2.cli_json("vm", "show", "vm1")
     assert on2["vm"]["host"] == "h2" and on2["vm"]["state"] == "running"
-    after = _wait_progress(h2, "vm1")
+    after = wait_verify_progress(h2, "vm1")
     assert after["errors"] == 0, after
     h2.cli("vm", "stop", "vm1")
-    results = [e for e in _console(h2, "vm1") if e.get("workload") == "verify" and "ok" in e]
+    results = [e for e in console_events(h2, "vm1") if e.get("workload") == "verify" and "ok" in e]
     assert results, "no verify result"
     result = results[-1]
     assert result["ok"] and result["errors"] == 0 and result.get("mismatches", 0) == 0, \

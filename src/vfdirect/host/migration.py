@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vfdirect.adapter.pf_client import PfClient, PfError
-from vfdirect.core.migration.dirty import PAGE_SIZE, PageMarks
+from vfdirect.core.migration.dirty import PAGE_SIZE, PageMarks, page_runs
 from vfdirect.core.migration.policy import PrecopyPolicy
 from vfdirect.core.migration.record import MigrationReport, Outcome, Phase
 from vfdirect.core.migration.stream import (
@@ -734,15 +734,9 @@ def _guest_in_flight(record: dict[str, Any], memory: Path) -> int:
 
 
 def _merge_runs(*lists: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    pages = sorted({p for runs in lists for first, count in runs
-                    for p in range(first, first + count)})
-    out: list[tuple[int, int]] = []
-    for p in pages:
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((p, 1))
-    return out
+    """The union of several lists of ``(first page, count)`` runs, as runs."""
+    return list(page_runs([p for runs in lists for first, count in runs
+                           for p in range(first, first + count)]))
 
 
 @contextlib.contextmanager
