@@ -20,6 +20,8 @@ Rules of this module:
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,20 @@ def make_engine(url: URL, options: DatabaseOptions) -> Engine:
     return create_engine(url, echo=options.echo, pool_pre_ping=True)
 
 
+def _journal_mode_wal(cursor: Any, timeout_s: float) -> Any:
+    """``PRAGMA journal_mode = WAL``, retried while another process holds the lock:
+    SQLite may answer this pragma SQLITE_BUSY at once, without its busy handler (seen
+    when several processes open a new database together)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _sqlite_setup(engine: Engine, options: DatabaseOptions) -> None:
     busy_ms = max(1, round(options.busy_timeout_s * 1000))
 
@@ -90,7 +106,7 @@ def _sqlite_setup(engine: Engine, options: DatabaseOptions) -> None:
         try:
             cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
             cursor.execute("PRAGMA foreign_keys = ON")
-            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+            mode = _journal_mode_wal(cursor, options.busy_timeout_s)
             if mode is None or str(mode[0]).lower() != "wal":
                 raise RuntimeError(f"SQLite refused WAL mode (journal_mode is {mode!r})")
             cursor.execute("PRAGMA synchronous = FULL")
