@@ -217,8 +217,8 @@ def test_load_reports_the_worst_stall(tmp_path: Path, san: StorageArray, adapter
         code, result = vm.result(timeout=120)
         assert code == 0 and result["ok"], result
         assert result["max_stall_ms"] > 0 and result["restart_stall_ms"] is None
-        # a gap is never longer than the slowest IO: a completion ends every gap
-        assert result["max_stall_ms"] <= result["latency"]["max_us"] / 1000 + 1e-3
+        # no upper bound from the load's latencies: the boot scan's commands count as IO
+        # too (a slow first REPORT LUNS is a stall) and are not in the load's figures
         progress = [e for e in vm.events() if e["event"] == "load_progress"]
         assert all(e["max_stall_ms"] <= result["max_stall_ms"] for e in progress)
         assert not any(e["event"] == "vm_stall" for e in vm.events())  # a cold boot

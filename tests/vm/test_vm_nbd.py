@@ -212,7 +212,7 @@ def test_standard_clients_through_the_vf(tmp_path: Path, san: StorageArray, adap
             assert job["error"] == 0 and job["read"]["io_bytes"] == 1 << 20
         run("qemu-io", "-f", "raw", uri, "-c", "write -P 0x00 2M 4k")
         corrupted = subprocess.run(fio("2M", "--verify_only"), capture_output=True, text=True,
-                                   timeout=120, check=False)
+                                   timeout=120, check=False, cwd=tmp_path)  # its .state file
         assert corrupted.returncode != 0 and "verify" in corrupted.stderr + corrupted.stdout
         # the data really is on the disk: the VM's own block layer served it all
         assert vm.proc.poll() is None
