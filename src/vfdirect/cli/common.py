@@ -45,3 +45,30 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]
 
 
 SIZE = SizeType()
+
+
+class LazyGroup(click.Group):
+    """A group some of whose commands are imported only when used: ``lazy`` maps a
+    command name to ``"module:attribute"``. A command that needs the heavy parts of
+    vfdirect (the adapter daemon, the guest runtime) then costs nothing to the others:
+    every ``vfdirect`` call imports the modules of the command it runs, not all of them."""
+
+    def __init__(self, *args: object, lazy: dict[str, str] | None = None,
+                 **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.lazy.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        import importlib  # noqa: PLC0415
+
+        module, _, attr = target.partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        if not isinstance(command, click.Command):  # pragma: no cover (a wiring bug)
+            raise TypeError(f"{target} is not a click command")
+        return command

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
-from vfdirect.cli.common import SIZE, CliError
+from vfdirect.cli.common import SIZE, CliError, LazyGroup
 from vfdirect.host.client import ApiError, HostClient
 
 #: What a VM can run (``vm-run --workload``; as vfdirect.host.vms.WORKLOADS).
@@ -707,7 +707,7 @@ def vport_create(*, wwpn: str | None, wwnn: str | None, alternate_wwpn: str | No
          ("wwpn", "wwnn", "alternate_wwpn", "vm", "host"))
 
 
-@click.group("adapter")
+@click.group("adapter", cls=LazyGroup, lazy={"run": "vfdirect.cli.adapter:adapter"})
 def adapter_group() -> None:
     """The host's adapter: 'run' is the daemon, 'show' asks the host about it."""
 
@@ -741,14 +741,6 @@ def adapter_show(run_dir: Path | None, api_socket: Path | None, as_json: bool) -
                            for q in state.get("queues", [])],
                           ("vring", "size", "last_avail_idx", "used_idx", "in_flight")))
 
-
-def _add_adapter_run() -> None:
-    from vfdirect.cli.adapter import adapter as adapter_daemon  # noqa: PLC0415
-
-    adapter_group.add_command(adapter_daemon, "run")
-
-
-_add_adapter_run()
 
 #: What ``vfdirect`` registers from this module (the lead's cli/main.py).
 COMMANDS = (host, array, datastore, vdisk, vm, vport, adapter_group)

@@ -13,7 +13,8 @@ from typing import Any, NoReturn
 
 import click
 
-from vfdirect import __version__
+import vfdirect
+from vfdirect.cli.common import LazyGroup
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -21,7 +22,7 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-class _Group(click.Group):
+class _Group(LazyGroup):
     """A click group whose user errors are one readable line."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
@@ -46,8 +47,17 @@ class _Group(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "-V", "--version", prog_name="vfdirect")
+def _version(ctx: click.Context) -> None:
+    click.echo(f"vfdirect, version {vfdirect.__version__}")
+    ctx.exit(0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
+             lazy={"selfcheck": "vfdirect.cli.selfcheck:selfcheck",
+                   "demo": "vfdirect.cli.demo:demo", "vm-run": "vfdirect.cli.vm_run:vm_run"})
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True,
+              help="Show the version and exit.",
+              callback=lambda ctx, _param, value: _version(ctx) if value else None)
 def cli() -> None:
     """vfdirect: VMs reach storage directly through the virtual functions (VFs) of an
     SR-IOV storage adapter, with virtual target addressing, and live-migrate without
@@ -56,12 +66,9 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so that each command module may import this one.
-    from vfdirect.cli.demo import demo  # noqa: PLC0415
     from vfdirect.cli.host import COMMANDS as HOST_COMMANDS  # noqa: PLC0415
-    from vfdirect.cli.selfcheck import selfcheck  # noqa: PLC0415
-    from vfdirect.cli.vm_run import vm_run  # noqa: PLC0415
 
-    for command in (*HOST_COMMANDS, selfcheck, demo, vm_run):
+    for command in HOST_COMMANDS:
         cli.add_command(command)
 
 
