@@ -5,6 +5,10 @@
 #                             hosts, two VMs, live migration under verified IO)
 #   ./vfd.sh test [ARGS...]   set up, then run the whole test suite (ARGS go to pytest);
 #                             a throwaway PostgreSQL server runs for the inventory tests
+#   ./vfd.sh proof [ARGS...]  set up, then run the proof suites (tests/proof: fuzzing,
+#                             isolation, power cuts, exhaustion) with longer budgets:
+#                             VFDIRECT_FUZZ_SECONDS (default here 60 per target),
+#                             VFDIRECT_POWERCUTS (default here 1000); counters printed
 #   ./vfd.sh setup            set up only
 #
 # Setting up means: install the Debian packages vfdirect and its tests use (only those
@@ -90,7 +94,12 @@ case "$cmd" in
             trap 'scripts/postgres-test-server.sh stop >/dev/null 2>&1 || true' EXIT
         fi
         "$venv/bin/python" -m pytest "$@" ;;
+    proof)
+        setup
+        export VFDIRECT_FUZZ_SECONDS="${VFDIRECT_FUZZ_SECONDS:-60}"
+        export VFDIRECT_POWERCUTS="${VFDIRECT_POWERCUTS:-1000}"
+        "$venv/bin/python" -m pytest -s tests/proof "$@" ;;
     *)
-        echo "usage: ./vfd.sh demo|test|setup [ARGS...]" >&2
+        echo "usage: ./vfd.sh demo|test|proof|setup [ARGS...]" >&2
         exit 2 ;;
 esac

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vfdirect import __version__
+from vfdirect.adapter.audit import Auditor, pf_scope_resolver
 from vfdirect.adapter.log import log_event, setup_logging
 from vfdirect.adapter.platform import HostPlatform
 from vfdirect.adapter.server import PeerPolicy, PfServer
@@ -56,6 +57,8 @@ class AdapterConfig:
     vf_poll_us: int = POLL_BUDGET_NS // 1000
     #: IO threads per VF (0: a VF executes its requests one at a time on its thread)
     vf_io_threads: int = 0
+    #: audit every VF's (and the PF IO path's) guest memory and LUN accesses (issue 8)
+    audit: bool = False
 
     def policy(self) -> PeerPolicy:
         """Without a configured hypervisor, only our own uid may connect."""
@@ -102,9 +105,10 @@ async def _amain(config: AdapterConfig, logger: logging.Logger) -> int:
     run_dir = config.run_dir.resolve()
     lock_fd = _take_run_dir(run_dir)
     wwpn, wwnn = default_port_names(run_dir)
+    auditor = Auditor(logger) if config.audit else None
     platform = HostPlatform(run_dir, port_wwpn=config.port_wwpn or wwpn,
                             port_wwnn=config.port_wwnn or wwnn,
-                            fabric_dir=config.fabric_dir)
+                            fabric_dir=config.fabric_dir, auditor=auditor)
     server: PfServer | None = None
     vfs: VfManager | None = None
     try:
@@ -115,6 +119,8 @@ async def _amain(config: AdapterConfig, logger: logging.Logger) -> int:
         model = AdapterModel(platform, max_vfs=config.vfs,
                              identity=AdapterIdentity(version=__version__),
                              on_internal_error=internal)
+        if auditor is not None:
+            platform.audit_scope_of = pf_scope_resolver(auditor, model)
         service = AdapterService(model, platform, logger)
         vfs = VfManager(service, max_vfs=config.vfs, logger=logger,
                         poll_budget_ns=config.vf_poll_us * 1000,
@@ -140,7 +146,8 @@ async def _amain(config: AdapterConfig, logger: logging.Logger) -> int:
                   vfs=config.vfs,
                   physical_port=None if fabric is None else
                   fabric.physical_login().wwpn.canonical(),
-                  fabric=None if fabric is None else fabric.directory)
+                  fabric=None if fabric is None else fabric.directory,
+                  audit=auditor is not None)
         await server.run(stop)
         log_event(logger, "adapter_stopped", pid=os.getpid())
         return 0

@@ -18,8 +18,10 @@ import contextlib
 import mmap
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
+from vfdirect.adapter.audit import Auditor, AuditScope, ScopeResolver
 from vfdirect.core.adapter.methods import MAX_BUFFER_BYTES
 from vfdirect.core.adapter.platform import ArrayInfo, VfDataPath
 from vfdirect.core.alloc.layout import VdiskLayout
@@ -49,6 +51,7 @@ class HostPlatform:
         port_wwnn: Wwn,
         fabric_dir: Path | None = None,
         lock_timeout: float = 5.0,
+        auditor: Auditor | None = None,
     ) -> None:
         self._run_dir = run_dir
         self._port = (port_wwpn, port_wwnn)
@@ -59,6 +62,9 @@ class HostPlatform:
         self._pool = LunPool()
         self._buffers: dict[int, mmap.mmap] = {}
         self._datapaths: dict[int, VfDataPath] = {}
+        #: the auditor (None: the audit is off) and how it scopes the PF IO path
+        self.auditor = auditor
+        self.audit_scope_of: ScopeResolver | None = None
 
     # -- fabric ------------------------------------------------------------------------
 
@@ -134,12 +140,24 @@ class HostPlatform:
                 raise
             return self._pool.get(key)
 
-    def block_device(self, initiator: Wwn, layout: VdiskLayout) -> BlockDevice:
+    def block_device(self, initiator: Wwn, layout: VdiskLayout, *,
+                     audit: AuditScope | None = None) -> BlockDevice:
+        """The vdisk of ``layout`` as ``initiator`` sees it. With the audit on, its LUN
+        backends are audited against ``audit`` (a VF's scope) or, for the PF IO path,
+        against the scope :attr:`audit_scope_of` gives for ``initiator``."""
         fabric = self._fabric
         if fabric is None:
             raise RpcError(ErrorCode.WRONG_STATE, "no fabric attached")
+        luns: Callable[[LunKey], BlockDevice] = self._lun
+        auditor = self.auditor
+        if auditor is not None:
+            if audit is None:
+                resolve = self.audit_scope_of
+                audit = auditor.scope(None, ()) if resolve is None else resolve(initiator)
+            scope = audit
+            luns = lambda key: auditor.wrap_lun(scope, key, self._lun(key))  # noqa: E731
         try:
-            return VdiskBlockDevice(layout, luns=self._lun, fabric=fabric, initiator=initiator)
+            return VdiskBlockDevice(layout, luns=luns, fabric=fabric, initiator=initiator)
         except (StorageError, OSError) as exc:
             raise RpcError(ErrorCode.IO_ERROR,
                            f"vdisk {layout.vdisk_id}: cannot open its LUNs: {exc}") from None

@@ -9,7 +9,9 @@ Rules of this module:
 * state changes (admin methods and data path events) run under one lock; readers of the
   configuration (the VF data path's threads) take the immutable snapshot
   :meth:`AdapterService.vf_snapshot` without locking;
-* each request is logged as one event: method, id, outcome, duration.
+* each request is logged as one event: method, id, outcome, duration;
+* ``adapter_get_stats`` carries the auditor's counters as ``audit`` (the model knows
+  nothing of the audit, a mode of this daemon).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from vfdirect.adapter.audit import disabled_snapshot
 from vfdirect.adapter.log import log_event
 from vfdirect.adapter.platform import HostPlatform
 from vfdirect.core.adapter.model import AdapterModel
@@ -108,6 +112,8 @@ class AdapterService:
                                f"{method}: more file descriptors than a request may carry")
             with self._lock:
                 reply = self._model.call(req.method, req.params, fds)
+            if method == "adapter_get_stats" and isinstance(reply.result, dict):
+                reply.result["audit"] = self.audit_stats()
             if req.is_notification:
                 close_fds(reply.fds)
                 self._logged(method, rid, "ok", start)
@@ -130,6 +136,11 @@ class AdapterService:
             return encode_error(rid, err), ()
         finally:
             close_fds(fds)
+
+    def audit_stats(self) -> dict[str, Any]:
+        """The auditor's counters (``{"enabled": false}`` when the audit is off)."""
+        auditor = self._platform.auditor
+        return disabled_snapshot() if auditor is None else auditor.snapshot()
 
     def _logged(self, method: str, rid: RequestId, outcome: str, start: float,
                 message: str | None = None) -> None:

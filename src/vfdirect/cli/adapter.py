@@ -52,6 +52,11 @@ def _wwn(ctx: click.Context, param: click.Parameter, value: str | None) -> Wwn |
               help="IO threads per VF: requests of a VF execute concurrently and complete "
                    "out of order (0: one at a time on the VF thread). Also from "
                    "VFDIRECT_VF_IO_THREADS (a host passes its environment on).")
+@click.option("--audit/--no-audit", "audit", default=False, envvar="VFDIRECT_AUDIT",
+              help="Audit every guest-memory access of the VFs against the memory tables "
+                   "granted and every physical IO (VFs and PF IO path) against the "
+                   "extents of the mapping it serves; counters in adapter_get_stats "
+                   "(audit). Also from VFDIRECT_AUDIT=1 (a host passes its environment on).")
 def adapter(  # noqa: PLR0917 (click passes one argument per option)
     run_dir: Path,
     vfs: int,
@@ -64,13 +69,14 @@ def adapter(  # noqa: PLR0917 (click passes one argument per option)
     port_wwnn: Wwn | None,
     vf_poll_us: int,
     io_threads: int,
+    audit: bool,
 ) -> None:
     """Run the adapter daemon: PF admin socket, VFs, vport logins, IO engine."""
     config = AdapterConfig(
         run_dir=run_dir, vfs=vfs, hypervisor_pid=hypervisor_pid,
         hypervisor_uid=hypervisor_uid, arrays=arrays, fabric_dir=fabric_dir,
         log_format=log_format, port_wwpn=port_wwpn, port_wwnn=port_wwnn,
-        vf_poll_us=vf_poll_us, vf_io_threads=io_threads,
+        vf_poll_us=vf_poll_us, vf_io_threads=io_threads, audit=audit,
     )
     sys.exit(run_adapter(config))
 

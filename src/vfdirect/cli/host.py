@@ -119,10 +119,12 @@ def host() -> None:
 @click.option("--vm-workload", type=click.Choice(WORKLOADS),
               default="idle", show_default=True, help="What a started VM runs by default.")
 @click.option("--foreground", is_flag=True, help="Run in this process (logs to stderr).")
+@click.option("--audit", is_flag=True, envvar="VFDIRECT_AUDIT",
+              help="Start the adapter with --audit (VFDIRECT_AUDIT=1 in its environment).")
 def host_start(  # noqa: PLR0917 (click passes one argument per option)
     name: str, run_dir: Path, db: str | None, api_socket: Path | None, api_port: int | None,
     arrays: tuple[Path, ...], fabric_dir: Path | None, vfs: int, log_format: str,
-    vm_workload: str, foreground: bool,
+    vm_workload: str, foreground: bool, audit: bool = False,
 ) -> None:
     """Start the host daemon: inventory, adapter, VMs, REST API."""
     run_dir = run_dir.resolve()
@@ -130,6 +132,8 @@ def host_start(  # noqa: PLR0917 (click passes one argument per option)
     if foreground:
         from vfdirect.host.daemon import run_host  # noqa: PLC0415
         from vfdirect.host.service import HostConfig  # noqa: PLC0415
+        if audit:  # the adapter inherits the host's environment
+            os.environ["VFDIRECT_AUDIT"] = "1"
 
         config = HostConfig(name=name, run_dir=run_dir, db=db or str(run_dir / "inventory.db"),
                             api_socket=sock, api_port=api_port,
@@ -154,6 +158,8 @@ def host_start(  # noqa: PLR0917 (click passes one argument per option)
         args += ["--array", str(a.resolve())]
     if fabric_dir is not None:
         args += ["--fabric-dir", str(fabric_dir.resolve())]
+    if audit:
+        args.append("--audit")
     log_path = run_dir / "host.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

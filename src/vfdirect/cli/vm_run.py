@@ -96,6 +96,16 @@ def _load_fwtable(path: Path | None) -> bytes | None:
               help="Dirty map of the guest's own writes into its memory, for live "
                    "migration: one byte per 4 KiB page (PageMarks), created zeroed if "
                    "missing; every store marks its pages before and after.")
+@click.option("--fua-pct", type=click.FloatRange(0, 100), default=0.0, show_default=True,
+              help="verify: share of the writes sent with FUA (durability).")
+@click.option("--flush-every", type=click.IntRange(0), default=0, show_default=True,
+              help="verify: a SYNCHRONIZE CACHE to every disk after this many writes "
+                   "(0: never).")
+@click.option("--recover-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None,
+              help="verify: the memory file of the VM running at a power cut; first read "
+                   "back and judge every block against its journal (this VM boots on "
+                   "fresh memory).")
 def vm_run(  # noqa: PLR0917 (click passes one argument per option)
     memory_file: Path, memory_size: int | None, socket_path: str | None,
     fwtable: Path | None, workload: str, restart: bool, paused: bool, start_timeout: float,
@@ -105,6 +115,7 @@ def vm_run(  # noqa: PLR0917 (click passes one argument per option)
     slot_size: int, journal_size: int, log_format: str, incoming: bool,
     dirty_log: Path | None,
     exports_file: Path | None,
+    fua_pct: float, flush_every: int, recover_from: Path | None,
 ) -> None:
     """Run a VM: boot or resume its guest runtime, connect to its VF, scan, run a
     workload (idle, selftest, sequence, verify, load). The result is one JSON line on stdout."""
@@ -124,7 +135,8 @@ def vm_run(  # noqa: PLR0917 (click passes one argument per option)
         command_timeout=command_timeout, spin_us=spin_us, count=count, depth=depth,
         interval_ms=interval_ms, read_pct=read_pct, bs=bs, window=window,
         progress_ms=progress_ms, name=name, log_format=log_format, params=params,
-        dirty_log=dirty_log, exports_file=exports_file, incoming=incoming)
+        dirty_log=dirty_log, exports_file=exports_file, incoming=incoming,
+        fua_pct=fua_pct, flush_every=flush_every, recover_from=recover_from)
     sys.exit(run_vm(options))
 
 

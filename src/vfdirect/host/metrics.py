@@ -265,6 +265,20 @@ def _phase_durations(report: dict[str, Any]) -> Iterator[tuple[str, float]]:
         yield str(item.get("phase")), (end - start) / 1e9
 
 
+def _audit_metrics(host: str, audit: Any) -> Iterator[Metric]:
+    """The adapter auditor's counters (``vfdirect adapter run --audit``), when it runs."""
+    if not isinstance(audit, dict) or not audit.get("enabled"):
+        return
+    for key, text in (("checks", "Accesses the adapter's auditor checked"),
+                      ("memory_violations", "VF guest-memory accesses outside the memory "
+                                            "table granted (must stay 0)"),
+                      ("extent_violations", "Physical IOs outside the extents of the "
+                                            "mapping served (must stay 0)")):
+        family = CounterMetricFamily(f"vfdirect_audit_{key}", text, labels=["host"])
+        family.add_metric([host], float(_num(audit.get(key)) or 0))
+        yield family
+
+
 class HostCollector(Collector):
     """Every metric of one host, gathered when Prometheus scrapes."""
 
@@ -326,6 +340,7 @@ class HostCollector(Collector):
                                    "(physical port and vports)", labels=["host"])
         logins.add_metric([host], float(len(snap.get("logins", []))))
         yield logins
+        yield from _audit_metrics(host, stats.get("audit"))
         yield from self._vfs(host, snap["vfs"])
 
     def _vfs(self, host: str, vfs: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -222,8 +222,23 @@ class HostService:
 
     def vdisk_delete(self, vdisk: str) -> None:
         with self._op():
+            datastore = self.inv.vdisk_get(vdisk).datastore
             self.inv.vdisk_delete(vdisk)
             log_event(self.log, "vdisk_delete", vdisk=vdisk)
+            self._zero_freed(datastore)
+
+    def _zero_freed(self, datastore: str) -> None:
+        """Zero-on-reuse: zero the datastore's freed extents on their LUNs, then hand
+        them back to the allocator. One that fails stays dirty (never handed out) and
+        is tried again at the next delete."""
+        for extent in self.inv.datastore_pending_zero(datastore):
+            try:
+                array = StorageArray.open(self.inv.array_get(extent.lun.array).directory)
+                array.lun_zero(int(extent.lun.lun), int(extent.start), extent.count)
+                self.inv.datastore_mark_zeroed(datastore, extent)
+            except (StorageError, InventoryError, OSError, ValueError) as exc:
+                log_event(self.log, "vdisk_zero_failed", level=logging.WARNING,
+                          datastore=datastore, extent=str(extent), error=str(exc))
 
     # -- claim A2: mapping info ------------------------------------------------------
 

@@ -97,7 +97,12 @@ class FdBackend:
         nbytes = total_bytes(bufs)
         check_io(lba, nbytes, self._block_size, self._num_blocks, self._name)
         if self._faults is not None:
-            self._faults.before_io(f"{self._name}: read at block {lba}", write=False)
+            spec = self._faults.before_io(f"{self._name}: read at block {lba}", write=False)
+            cache = self._faults.cache(spec, self._block_size, self._writer)
+            if cache is not None:  # test-only volatile write cache (.faults)
+                fd, offset = self._fd, lba * self._block_size
+                cache.read(lba, bufs, lambda: preadv_full(fd, bufs, offset, nbytes))
+                return
         preadv_full(self._fd, bufs, lba * self._block_size, nbytes)
 
     def write_blocks(self, lba: int, bufs: Sequence[memoryview], *, fua: bool = False) -> None:
@@ -105,13 +110,21 @@ class FdBackend:
         nbytes = total_bytes(bufs)
         check_io(lba, nbytes, self._block_size, self._num_blocks, self._name)
         if self._faults is not None:
-            self._faults.before_io(f"{self._name}: write at block {lba}", write=True)
+            spec = self._faults.before_io(f"{self._name}: write at block {lba}", write=True)
+            cache = self._faults.cache(spec, self._block_size, self._writer)
+            if cache is not None:  # test-only volatile write cache (.faults)
+                cache.write(self._writer, lba, bufs, fua=fua)
+                return
         self._writer.write(bufs, lba * self._block_size, nbytes, fua=fua)
 
     def flush(self) -> None:
         self._check_open()
         if self._faults is not None:
-            self._faults.before_io(f"{self._name}: flush", write=True)
+            spec = self._faults.before_io(f"{self._name}: flush", write=True)
+            cache = self._faults.cache(spec, self._block_size, self._writer)
+            if cache is not None:  # test-only volatile write cache (.faults)
+                cache.flush(self._writer)
+                return
         self._writer.sync()
 
     # -- LunBackend --------------------------------------------------------------------
@@ -122,7 +135,10 @@ class FdBackend:
             raise ValueError(f"{self._name}: negative block count {count}")
         check_io(lba, count * self._block_size, self._block_size, self._num_blocks, self._name)
         if self._faults is not None:
-            self._faults.before_io(f"{self._name}: zero at block {lba}", write=True)
+            spec = self._faults.before_io(f"{self._name}: zero at block {lba}", write=True)
+            cache = self._faults.cache(spec, self._block_size, self._writer)
+            if cache is not None:
+                cache.discard(lba, count)
         offset, length = lba * self._block_size, count * self._block_size
         if not self._zero_fast(offset, length):
             self._writer.write_zeros(offset, length)
@@ -135,6 +151,8 @@ class FdBackend:
 
     def close(self) -> None:
         if self._fd >= 0:
+            if self._faults is not None:
+                self._faults.close(self._writer)
             fd, self._fd = self._fd, -1
             os.close(fd)
 

@@ -58,7 +58,7 @@ from vfdirect.vm.guest import BootError, Guest, boot_guest
 from vfdirect.vm.log import log_event, setup_logging
 from vfdirect.vm.nbd import serve_exports
 from vfdirect.vm.scsi import DEFAULT_SPIN_S, ScsiHost
-from vfdirect.vm.verify import Load, Verify
+from vfdirect.vm.verify import Load, Verify, read_journal_file
 from vfdirect.vm.workload import Sequence, check_disks, selftest, settle_orphan
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "VmOptions", "run_vm"]
@@ -99,6 +99,11 @@ class VmOptions:
     incoming: bool = False
     #: NBD exports to serve (idle workload), re-read on SIGHUP (see vfdirect.vm.nbd)
     exports_file: Path | None = None
+    #: verify, durability: share of FUA writes, writes between two flushes (0: none)
+    fua_pct: float = 0.0
+    flush_every: int = 0
+    #: verify: the memory file of the VM running at a power cut, to recover from
+    recover_from: Path | None = None
 
 
 class _Signals:
@@ -280,10 +285,19 @@ def _workload(options: VmOptions, guest: Guest, host: ScsiHost, table: FirmwareT
                           depth=options.depth, interval=options.interval_ms / 1000,
                           in_device=in_device, should_stop=lambda: signals.stop).run()
     elif options.workload == "verify":
+        recover = None
+        if options.recover_from is not None:
+            try:
+                recover = read_journal_file(options.recover_from)
+            except (OSError, ValueError) as exc:
+                log_event(log, "verify_recover_failed", level=logging.ERROR, error=str(exc))
+                return EXIT_ERROR
         result = Verify(layer, guest.journal, vm=vm, depth=options.depth,
                         in_device=in_device, should_stop=lambda: signals.stop,
                         count=options.count, read_pct=options.read_pct,
-                        window=options.window, progress=options.progress_ms / 1000).run()
+                        window=options.window, progress=options.progress_ms / 1000,
+                        fua_pct=options.fua_pct, flush_every=options.flush_every,
+                        recover=recover).run()
     elif options.workload == "load":
         result = Load(layer, depth=options.depth, read_pct=options.read_pct, bs=options.bs,
                       should_stop=lambda: signals.stop, count=options.count,

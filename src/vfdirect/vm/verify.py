@@ -25,6 +25,19 @@ and ``load`` (a random read/write mix with IOPS and latency).
     interval's ``iops``, ``p50_us``, ``p99_us``) every ``progress`` seconds; the result
     says ``ok`` only with no mismatch and no IO error.
 
+    Durability (the power-cut suite; off by default): ``fua_pct`` % of the writes carry
+    FUA, and every ``flush_every`` writes a SYNCHRONIZE CACHE goes to every disk; the
+    journal flags FUA writes, records each flush as an entry and each write's flush
+    mark at its acknowledgement (see :mod:`vfdirect.core.guest.journal`), so that after a
+    power cut the writes that had to be durable are known from the journal alone.
+    ``recover`` (the entries of the journal of the VM that was running at the cut, read
+    from its memory file by :func:`read_journal_file`) makes the workload, booted on
+    fresh memory, first read back every LBA of its window and judge each block
+    (:func:`~vfdirect.core.guest.journal.recovered_verdict`: no acknowledged durable
+    write lost, no torn block, no generation never written), log ``verify_recovered``
+    with the counts, journal what it found as this epoch's durable starting content,
+    then go on as usual. Any bad block counts as a mismatch.
+
 ``load``
     Random ``bs``-block reads and writes (``read_pct`` % reads) over whole disks,
     ``depth`` at once, until SIGTERM or ``count`` IOs; ``load_progress`` events with the
@@ -51,13 +64,19 @@ from vfdirect.core.guest.journal import (
     COOKIE_BASE,
     EntryState,
     Journal,
+    JournalEntry,
     check_block,
+    durability_expectations,
     make_block,
+    recovered_verdict,
 )
+from vfdirect.core.guest.layout import HEADER_ADDR, GuestLayout, GuestLayoutError
+from vfdirect.core.virtio import RegionMemory
+from vfdirect.transport.shm import SharedMemory
 from vfdirect.vm.block import BlockLayer, Disk, IoError, IoRequest
 from vfdirect.vm.log import log_event
 
-__all__ = ["Load", "Verify", "percentile"]
+__all__ = ["Load", "Verify", "percentile", "read_journal_file"]
 
 _COOKIE_MASK = 0xFFFF_FFFF_FFFF
 _log = logging.getLogger("vfdirect.vm")
@@ -76,6 +95,24 @@ def percentile(sorted_values: list[float], pct: float) -> float:
     return sorted_values[index]
 
 
+def read_journal_file(path: str | os.PathLike[str]) -> list[JournalEntry]:
+    """The used entries of the journal in the guest memory file ``path`` (another VM's,
+    e.g. the one running at a power cut); ValueError if there is none."""
+    shm = SharedMemory.open(path)
+    try:
+        memory = RegionMemory.from_buffers([(0, shm.buffer)])
+        try:
+            layout = GuestLayout.decode_header(memory.read(HEADER_ADDR, 0x40), shm.size)
+        except GuestLayoutError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        journal = Journal.open(memory, layout.journal_addr, layout.params.journal_size)
+        entries = list(journal.entries())
+        del journal, memory
+    finally:
+        shm.close()
+    return entries
+
+
 class Verify:
     """The ``verify`` workload over the journal in guest memory."""
 
@@ -83,7 +120,9 @@ class Verify:
                  in_device: set[int], should_stop: Callable[[], bool],
                  count: int | None = None, read_pct: float = 50.0, window: int = 256,
                  progress: float = 1.0, seed: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, fua_pct: float = 0.0,
+                 flush_every: int = 0,
+                 recover: list[JournalEntry] | None = None) -> None:
         self.layer = layer
         self.journal = journal
         self.vm = vm
@@ -125,6 +164,17 @@ class Verify:
         #: latencies of the IOs completed since the last progress event, and its time
         self._window: list[float] = []
         self._window_start = self.clock()
+        # durability: FUA share, flush period, flushes submitted per disk
+        self.fua_pct = fua_pct
+        self.flush_every = max(0, flush_every)
+        self.durability = fua_pct > 0 or self.flush_every > 0 or recover is not None
+        self.flush_index: dict[tuple[int, int], int] = {}
+        self.writes_since_flush = 0
+        self.fua_writes = 0
+        self.flushes = 0
+        self.flush_errors = 0
+        self.recover = recover
+        self.recovery: dict[str, Any] | None = None
 
     # -- the journal ----------------------------------------------------------------
 
@@ -132,6 +182,10 @@ class Verify:
         # Generations of an LBA only grow, so the highest ACKED one is the content
         # (whatever the order of the entries: a checkpoint rewrites them in place).
         for entry in self.journal.entries():
+            if entry.flush:  # a SYNCHRONIZE CACHE: the next one of that disk comes after
+                disk = (entry.target, entry.lun)
+                self.flush_index[disk] = max(self.flush_index.get(disk, 0), entry.lba + 1)
+                continue
             key = (entry.target, entry.lun, entry.lba)
             self.next_gen[key] = max(self.next_gen.get(key, 1), entry.generation + 1)
             if entry.state is EntryState.ACKED:
@@ -144,7 +198,8 @@ class Verify:
                     self.awaiting[entry.seq] = (key, entry.generation)
                     self.writing[key] = entry.seq
                 elif (entry.target, entry.lun) in self.by_address:
-                    self._write(key, entry.generation, entry.seq, journaled=True)
+                    self._write(key, entry.generation, entry.seq, journaled=True,
+                                fua=entry.fua)
                     self.resubmitted += 1
                 else:
                     self.maybe.setdefault(key, set()).add(entry.generation)
@@ -179,21 +234,27 @@ class Verify:
             self.details.append(text)
         log_event(_log, "verify_error", level=logging.WARNING, error=text)
 
-    def _write(self, key: Key, generation: int, seq: int, *, journaled: bool = False) -> None:
+    def _write(self, key: Key, generation: int, seq: int, *, journaled: bool = False,
+               fua: bool = False) -> None:
         disk = self.by_address[key[:2]]
         data = make_block(self.vm, key[2], generation, seq, disk.block_size)
         if not journaled:
             # the journal first: a write is never in the device without its entry
             self.journal.record_pending(seq, target=key[0], lun=key[1], lba=key[2],
-                                        generation=generation, crc=zlib.crc32(data))
+                                        generation=generation, crc=zlib.crc32(data),
+                                        fua=fua)
         self.writing[key] = seq
         self.outstanding += 1
+        self.fua_writes += fua
 
         def done(request: IoRequest) -> None:
             self.outstanding -= 1
             self.writing.pop(key, None)
             good = request.error is None
-            self.journal.settle(seq, EntryState.ACKED if good else EntryState.FAILED)
+            # the flush mark: which flushes of this disk were submitted before the ack
+            mark = self.flush_index.get(key[:2], 0) + 1 if self.durability else None
+            self.journal.settle(seq, EntryState.ACKED if good else EntryState.FAILED,
+                                mark=mark)
             self._settled(key, generation, good, f"seq {seq}")
             self.writes += 1
             self._window.append(request.latency)
@@ -201,7 +262,32 @@ class Verify:
                 self.io_errors += 1
                 self._error(f"write {disk.name} lba {key[2]} seq {seq}: {request.error}")
 
-        disk.submit_write(key[2], data, callback=done, cookie=COOKIE_BASE | seq)
+        disk.submit_write(key[2], data, fua=fua, callback=done, cookie=COOKIE_BASE | seq)
+
+    def _flush_all(self) -> None:
+        """A SYNCHRONIZE CACHE to every disk, each journaled (its index among the
+        disk's flushes in the LBA field) before it is submitted."""
+        for disk in self.disks:
+            if self.seq >= self.journal.capacity:
+                return
+            seq, addr = self.seq, disk.address
+            index = self.flush_index.get(addr, 0)
+            self.journal.record_pending(seq, target=addr[0], lun=addr[1], lba=index,
+                                        generation=0, crc=0, flush=True)
+            self.flush_index[addr] = index + 1
+            self.seq += 1
+            self.outstanding += 1
+
+            def done(request: IoRequest, seq: int = seq, name: str = disk.name) -> None:
+                self.outstanding -= 1
+                good = request.error is None
+                self.journal.settle(seq, EntryState.ACKED if good else EntryState.FAILED)
+                self.flushes += 1
+                if not good:
+                    self.flush_errors += 1
+                    self._error(f"flush {name} seq {seq}: {request.error}")
+
+            disk.submit_flush(callback=done, cookie=COOKIE_BASE | seq)
 
     def _read(self, key: Key, *, final: bool = False) -> None:
         disk = self.by_address[key[:2]]
@@ -270,8 +356,13 @@ class Verify:
                     continue
                 generation = self.next_gen.get(key, 1)
                 self.next_gen[key] = generation + 1
-                self._write(key, generation, self.seq)
+                fua = self.fua_pct > 0 and self.rng.random() * 100 < self.fua_pct
+                self._write(key, generation, self.seq, fua=fua)
                 self.seq += 1
+                self.writes_since_flush += 1
+                if self.flush_every and self.writes_since_flush >= self.flush_every:
+                    self.writes_since_flush = 0
+                    self._flush_all()
             self.issued += 1
             return True
         return False
@@ -283,6 +374,15 @@ class Verify:
         then everything above is cleared, the last entry first. Killed at any point, the
         journal read as a prefix still holds each LBA's highest ACKED generation."""
         journal = self.journal
+        # durability: a flush first, so every ACKED row below is durable (flagged FUA)
+        durable = False
+        if self.durability:
+            try:
+                for disk in self.disks:
+                    disk.flush(timeout=_DRAIN_S)
+                durable = True
+            except IoError as exc:
+                self._error(f"flush before a checkpoint: {exc}")
         rows = [(key, EntryState.ACKED, gen) for key, gen in sorted(self.acked.items())]
         rows += [(key, EntryState.FAILED, gen) for key, gens in sorted(self.maybe.items())
                  for gen in sorted(gens)]
@@ -297,7 +397,8 @@ class Verify:
             size = disk.block_size if disk is not None else 512
             crc = zlib.crc32(make_block(self.vm, key[2], gen, seq, size))
             journal.rewrite(seq, state, target=key[0], lun=key[1], lba=key[2],
-                            generation=gen, crc=crc)
+                            generation=gen, crc=crc,
+                            fua=durable and state is EntryState.ACKED)
 
         for i, (key, state, gen) in enumerate(rows):
             put(start + i, key, state, gen)
@@ -305,16 +406,90 @@ class Verify:
             put(i, key, state, gen)
         journal.clear_from(len(rows))
         self.seq = len(rows)
+        self.writes_since_flush = 0
         self.checkpoints += 1
         self.checkpoint_due = False
         log_event(_log, "verify_checkpoint", entries=len(rows), was=start,
                   checkpoints=self.checkpoints)
 
     def counters(self) -> dict[str, Any]:
-        return {"writes": self.writes, "reads": self.reads, "verified": self.verified,
-                "errors": self.mismatches + self.io_errors, "mismatches": self.mismatches,
-                "io_errors": self.io_errors, "outstanding": self.outstanding,
-                "max_stall_ms": self.layer.host.max_stall_ms()}
+        counters = {"writes": self.writes, "reads": self.reads, "verified": self.verified,
+                    "errors": self.mismatches + self.io_errors + self.flush_errors,
+                    "mismatches": self.mismatches,
+                    "io_errors": self.io_errors, "outstanding": self.outstanding,
+                    "max_stall_ms": self.layer.host.max_stall_ms()}
+        if self.durability:
+            counters.update(fua_writes=self.fua_writes, flushes=self.flushes,
+                            flush_errors=self.flush_errors)
+        return counters
+
+    # -- recovery after a power cut ----------------------------------------------------
+
+    def _recover(self, entries: list[JournalEntry]) -> None:
+        """Read back every LBA of the window and judge it against the journal of the
+        cut; journal what was found as this epoch's (durable) starting content."""
+        expect, stats = durability_expectations(entries)
+        verdicts = {"ok": 0, "lost": 0, "torn": 0, "invented": 0}
+        # acknowledged but not yet durable writes the cut took back (allowed)
+        rolled_back = 0
+        found: dict[Key, tuple[int, int]] = {}  # key -> generation, CRC-32
+        details: list[str] = []
+        keys = [(d.target, d.lun, lba) for d in self.disks
+                for lba in range(min(self.window, d.num_blocks))]
+        keys += sorted(k for k in expect if k[:2] in self.by_address
+                       and k[2] >= min(self.window, self.by_address[k[:2]].num_blocks))
+        pending = list(reversed(keys))
+        in_flight = 0
+        deadline = self.clock() + _DRAIN_S
+
+        def done(request: IoRequest, key: Key) -> None:
+            nonlocal in_flight, rolled_back
+            in_flight -= 1
+            self.reads += 1
+            if request.error is not None:
+                self.io_errors += 1
+                self._error(f"recovery read {request.disk.name} lba {key[2]}: "
+                            f"{request.error}")
+                return
+            data = request.data or b""
+            verdict, gen = recovered_verdict(data, expect.get(key), vm=self.vm, lba=key[2],
+                                             block_size=request.disk.block_size)
+            verdicts[verdict] += 1
+            if verdict == "ok":
+                self.verified += 1
+                e = expect.get(key)
+                rolled_back += e is not None and gen < e.newest_acked
+                if gen:
+                    found[key] = (gen, zlib.crc32(data))
+                return
+            self.mismatches += 1
+            e = expect.get(key)
+            text = (f"after the cut: {request.disk.name} lba {key[2]}: {verdict} "
+                    f"(generation {gen}; must be >= {0 if e is None else e.floor} among "
+                    f"{sorted(e.generations) if e else []})")
+            if len(details) < 10:
+                details.append(text)
+            self._error(text)
+
+        def callback(key: Key) -> Callable[[IoRequest], None]:
+            return lambda request: done(request, key)
+
+        while (pending or in_flight) and self.clock() < deadline:
+            while pending and in_flight < self.depth:
+                key = pending.pop()
+                in_flight += 1
+                self.by_address[key[:2]].submit_read(key[2], 1, callback=callback(key))
+            self.layer.poll(0.05)
+        for seq, (key, (gen, crc)) in enumerate(sorted(found.items())):
+            if seq >= self.journal.capacity:
+                break
+            self.journal.rewrite(seq, EntryState.ACKED, target=key[0], lun=key[1],
+                                 lba=key[2], generation=gen, crc=crc, fua=True)
+        self.recovery = {**stats.dump(), "checked": len(keys) - len(pending) - in_flight,
+                         **verdicts, "rolled_back": rolled_back,
+                         "in_flight_at_cut": stats.pending,
+                         "details": details}
+        log_event(_log, "verify_recovered", **self.recovery)
 
     def _interval(self) -> dict[str, Any]:
         """IOPS and latency percentiles of the IOs completed since the last call."""
@@ -333,6 +508,12 @@ class Verify:
             return {"workload": "verify", "ok": False, "errors": 1,
                     "error_details": ["no disk found"]}
         layer = self.layer
+        if self.recover is not None:
+            if self.journal.next_seq() == 0:
+                self._recover(self.recover)
+            else:
+                log_event(_log, "verify_recover_skipped", level=logging.WARNING,
+                          reason="this memory's journal is not empty: recovered before")
         self._load_journal()
         log_event(_log, "verify_started", seq=self.seq, journaled_lbas=len(self.next_gen),
                   awaiting=len(self.awaiting), resubmitted_unsent=self.resubmitted,
@@ -373,7 +554,7 @@ class Verify:
                 **counters, "final_checked": final, "final_lbas": len(keys),
                 "resubmitted_unsent": self.resubmitted, "unresolved": len(self.awaiting),
                 "journal": self.journal.summary(), "journal_full": self.journal_full,
-                "checkpoints": self.checkpoints,
+                "checkpoints": self.checkpoints, "recovery": self.recovery,
                 "stopped": self.should_stop(), "error_details": self.details,
                 **self.layer.host.stall_report()}
 

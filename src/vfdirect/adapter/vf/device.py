@@ -133,7 +133,9 @@ class VfDevice:
         return {**self._stats.snapshot(),
                 "thread_id": None if worker is None else worker.native_id,
                 "front_end_pid": None if worker is None else worker.front_end_pid,
-                "fault": None if worker is None else worker.fault}
+                "fault": None if worker is None else worker.fault,
+                **({} if (auditor := self._platform.auditor) is None else
+                   {"audit": auditor.vf_snapshot(self.index)})}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -176,7 +178,7 @@ class VfDevice:
                               socket_inode=inode, settings=self._settings, stats=self._stats,
                               report=self._report, logger=self._log,
                               poll_budget_ns=self._poll_budget,
-                              io_threads=self._io_threads)
+                              io_threads=self._io_threads, auditor=self._platform.auditor)
             worker.start()
             self._worker = worker
             log_event(self._log, "vf_listen", vf=self.index, socket=str(path),
@@ -202,8 +204,11 @@ class VfDevice:
         targets: Mapping[TargetId, Target] = {}
         if vf.mapping is not None and initiator is not None:
             try:
+                auditor = self._platform.auditor
+                scope = None if auditor is None else auditor.scope(self.index, (vf.mapping,))
                 targets = build_targets(
-                    vf.mapping, lambda e: self._platform.block_device(initiator, e.layout),
+                    vf.mapping,
+                    lambda e: self._platform.block_device(initiator, e.layout, audit=scope),
                     on_internal_error=self._scsi_bug)
             except RpcError as exc:
                 log_event(self._log, "vf_targets_failed", level=logging.ERROR, vf=self.index,

@@ -10,19 +10,23 @@ Rules of this module:
 * an event whose VF was reset or reassigned since it was reported is dropped (the epoch
   check runs under the admin lock), and an event the VF's state does not allow any more
   (a disconnect of a VF the PF already saved) is logged and dropped;
-* :meth:`VfManager.close` stops every VF thread (each bounded) and then the reporter.
+* :meth:`VfManager.close` stops every VF thread (each bounded) and then the reporter;
+* while it runs, the interpreter's switch interval is
+  :data:`~.fairness.SWITCH_INTERVAL_S` (VF threads take turns, see :mod:`.fairness`).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable
 
 from vfdirect.adapter.log import log_event
 from vfdirect.adapter.service import AdapterService
 from vfdirect.adapter.vf.device import VfDevice
+from vfdirect.adapter.vf.fairness import SWITCH_INTERVAL_S
 from vfdirect.adapter.vf.worker import POLL_BUDGET_NS
 from vfdirect.core.adapter.vf import VfEvent
 from vfdirect.core.adapter.vscsi import VscsiSettings
@@ -42,6 +46,7 @@ class VfManager:
         self._log = logger
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="vf-events", daemon=True)
+        self._switch_interval: float | None = None  # the interpreter's, while we run
         settings = settings if settings is not None else VscsiSettings()
         self.devices = [VfDevice(i, platform=service.platform, settings=settings,
                                  events=self._post, logger=logger,
@@ -49,6 +54,9 @@ class VfManager:
                         for i in range(max_vfs)]
 
     def start(self) -> None:
+        # the VF threads take turns at the interpreter lock at this quantum (fairness)
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread.start()
         for device in self.devices:
             self._service.register_datapath(device.index, device)
@@ -59,6 +67,9 @@ class VfManager:
             device.shutdown()
         self._queue.put(None)
         self._thread.join(JOIN_TIMEOUT_S)
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
     # -- events -----------------------------------------------------------------------
 

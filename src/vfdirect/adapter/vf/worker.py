@@ -70,8 +70,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vfdirect.adapter.audit import Auditor
 from vfdirect.adapter.log import log_event
 from vfdirect.adapter.server import peer_credentials
+from vfdirect.adapter.vf.fairness import BULK_BYTES, BULK_GATE
 from vfdirect.adapter.vf.fds import (
     BadEventFd,
     check_eventfd,
@@ -158,6 +160,10 @@ from vfdirect.transport.shm import SharedMemory, SharedMemoryError
 POLL_BUDGET_NS = 200_000
 #: Chains taken from one ring before the others (and posted requests) get a turn.
 BATCH = 32
+#: ... or fewer: the round ends once its chains carry this many data bytes (one
+#: largest request is 32 MiB), so that rounds stay short and a VF moving large
+#: requests is paused between them while others are active (see ``fairness``).
+BATCH_BYTES = BULK_BYTES
 #: Longest wait for the front end to take a reply.
 SEND_TIMEOUT_S = 2.0
 RECV_BYTES = 1 << 16
@@ -237,12 +243,14 @@ class VfWorker:
     def __init__(self, index: int, *, listener: socket.socket, socket_path: Path,
                  socket_inode: int, settings: VscsiSettings, stats: VfStats,
                  report: Reporter, logger: logging.Logger,
-                 poll_budget_ns: int = POLL_BUDGET_NS, io_threads: int = 0) -> None:
+                 poll_budget_ns: int = POLL_BUDGET_NS, io_threads: int = 0,
+                 auditor: Auditor | None = None) -> None:
         """``io_threads`` 0: requests execute on the VF thread, one at a time; N > 0:
         on N IO threads of this VF (see the module rules)."""
         if io_threads < 0:
             raise ValueError(f"io_threads must be >= 0, not {io_threads}")
         self.index = index
+        self._auditor = auditor  # None: the audit is off (plain guest memory)
         self._listener = listener
         self._socket_path = socket_path
         self._socket_inode = socket_inode
@@ -486,8 +494,10 @@ class VfWorker:
                 maps.append(SharedMemory(own[region.fd], region.size,
                                          offset=region.mmap_offset, owns_fd=True))
                 adopted.add(region.fd)
-            memory = RegionMemory(MemoryRegion(r.gpa, m.buffer, r.user_addr)
-                                  for r, m in zip(record.regions, maps, strict=True))
+            memory = self._guest_memory(
+                [MemoryRegion(r.gpa, m.buffer, r.user_addr)
+                 for r, m in zip(record.regions, maps, strict=True)],
+                [(r.gpa, r.size) for r in record.regions])
             rings = {q.index: _Ring(q.index, Virtqueue.restore(q.state, memory,
                                                                barrier=self._barrier),
                                     None if q.kick_fd is None else own[q.kick_fd],
@@ -625,7 +635,10 @@ class VfWorker:
             self._after_fault()
             if self._stop:
                 return
+        cost = time.thread_time_ns()
         self._work()
+        self._count_outstanding()  # kept live for the PF's vf_get / adapter_get_stats
+        BULK_GATE.after_round(self.index, time.thread_time_ns() - cost)  # VFs share CPU
 
     def _run_commands(self) -> None:
         while True:
@@ -857,9 +870,10 @@ class VfWorker:
             for region, fd in zip(action.regions, action.fds, strict=True):
                 maps.append(SharedMemory(fd, region.memory_size, offset=region.mmap_offset,
                                          owns_fd=True))
-            memory = RegionMemory.from_table(
-                (r.guest_phys_addr, r.userspace_addr, m.buffer)
-                for r, m in zip(action.regions, maps, strict=True))
+            memory = self._guest_memory(
+                [MemoryRegion(r.guest_phys_addr, m.buffer, r.userspace_addr)
+                 for r, m in zip(action.regions, maps, strict=True)],
+                [(r.guest_phys_addr, r.memory_size) for r in action.regions])
         except (SharedMemoryError, GuestMemoryError, ValueError, OverflowError) as exc:
             error = f"memory table: {exc}"
         if error is not None:
@@ -890,6 +904,13 @@ class VfWorker:
             return
         log_event(self._log, "vf_memory", vf=self.index, regions=len(maps),
                   bytes=sum(m.size for m in maps))
+
+    def _guest_memory(self, regions: list[MemoryRegion],
+                      granted: list[tuple[int, int]]) -> RegionMemory:
+        """The VF's view of the front end's memory table (audited with ``--audit``)."""
+        if self._auditor is None:
+            return RegionMemory(regions)
+        return self._auditor.memory(self.index, regions, granted)
 
     def _start_vring(self, setup: VringSetup) -> None:
         self._setups[setup.index] = setup
@@ -1100,11 +1121,13 @@ class VfWorker:
         memory = self._memory
         assert vq is not None and memory is not None
         done = 0
-        while done < BATCH and not self._deferred:
+        moved = 0  # data bytes this round: bounded too (fairness: BATCH_BYTES)
+        while done < BATCH and moved < BATCH_BYTES and not self._deferred:
             start = time.perf_counter_ns()
             chain = vq.pop()
             if chain is None:
                 break
+            moved += max(chain.readable_length, chain.writable_length)
             if ring.index == CONTROLQ and self._executing:
                 # a TMF finds the task set empty: it waits for the executing commands,
                 # and nothing new is fetched meanwhile
@@ -1118,8 +1141,10 @@ class VfWorker:
             elif self._pool is not None:
                 self._submit(ring, chain, memory, start)
             else:
-                outcome = execute_command(chain, memory.memory, self._targets,
-                                          self._settings)
+                with BULK_GATE.transfer(max(chain.readable_length, chain.writable_length),
+                                         self.index, pause=False):  # after_round pauses
+                    outcome = execute_command(chain, memory.memory, self._targets,
+                                              self._settings)
                 vq.push_used(chain.head, outcome.written)
                 self._stats.record_command(outcome, time.perf_counter_ns() - start)
             done += 1
@@ -1350,8 +1375,10 @@ class VfWorker:
     def _execute(self, job: _Job) -> None:
         """On an IO thread: the SCSI execution, then the result back to the VF thread."""
         try:
-            job.result = job.target.execute_lun_bytes(
-                job.request.lun8, job.request.header.cdb, job.data_out, job.data_in)
+            size = sum(v.nbytes for v in job.data_out) + sum(v.nbytes for v in job.data_in)
+            with BULK_GATE.transfer(size, self.index):  # VFs take turns at bulk transfers
+                job.result = job.target.execute_lun_bytes(
+                    job.request.lun8, job.request.header.cdb, job.data_out, job.data_in)
         except Exception as exc:  # a bug (the SCSI core answers every failure itself)
             log_event(self._log, "vf_internal_error", level=logging.ERROR, vf=self.index,
                       exc_info=exc)

@@ -11,6 +11,15 @@ Rules of this module:
   ``EMPTY -> PENDING`` (about to be submitted) ``-> ACKED`` or ``FAILED``. A PENDING
   entry after a restart is resolved by the driver's request table: still in flight or
   done (its cookie is the journal's), or never sent (resubmit: the device never saw it);
+* durability (the power-cut suite): the state word's upper bits flag an entry as a
+  write sent with FUA (:data:`FLAG_FUA`) or as a SYNCHRONIZE CACHE of one disk
+  (:data:`FLAG_FLUSH`; its LBA field is the flush's index among that disk's flushes).
+  When a write is acknowledged, the upper half of its seq word first receives its
+  *flush mark*: 1 + the number of flushes of its disk submitted before the
+  acknowledgement; a flush covers exactly the writes completed before it was
+  submitted, so a write with mark ``m`` is durable once a flush of index >= ``m - 1``
+  completed. :func:`durability_expectations` decides, from the entries alone (after
+  a power cut), which generation each LBA must at least hold;
 * a block written by the verifier describes itself (:func:`make_block`): magic, VM id,
   LBA, generation, sequence number and a CRC-32C (Castagnoli) of the whole block, so
   :func:`check_block` tells a stale, misplaced or torn block from the right one.
@@ -22,7 +31,9 @@ Journal layout (``journal_addr``, little-endian)::
     +0x10 u64 run id                     +0x18 u64 reserved
     +0x40 entries[capacity], each:
           +0x00 u32 state  +0x04 u16 LUN  +0x06 u16 target  +0x08 u64 LBA
-          +0x10 u32 generation  +0x14 u32 CRC-32 of the block  +0x18 u64 seq
+          +0x10 u32 generation  +0x14 u32 CRC-32 of the block  +0x18 u32 seq
+          +0x1C u32 flush mark (0: none recorded)
+      state: bits 0-7 the EntryState, bit 8 FLAG_FUA, bit 9 FLAG_FLUSH
 
 Block layout (big-endian, the first 48 bytes of the block; the rest is a pattern)::
 
@@ -35,8 +46,8 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from vfdirect.core.crc32c import crc32c
@@ -44,6 +55,12 @@ from vfdirect.core.virtio.memory import GuestMemory
 
 __all__ = [
     "COOKIE_BASE",
+    "FLAG_FLUSH",
+    "FLAG_FUA",
+    "DurabilityExpectation",
+    "DurabilityStats",
+    "durability_expectations",
+    "recovered_verdict",
     "JOURNAL_ENTRY_BYTES",
     "JOURNAL_HEADER_BYTES",
     "BlockCheck",
@@ -68,6 +85,13 @@ _BLOCK = struct.Struct(">8sQQQQII")
 BLOCK_MAGIC = b"VFDBLOCK"
 
 
+#: State-word flags: a write sent with FUA; a SYNCHRONIZE CACHE entry.
+FLAG_FUA = 0x100
+FLAG_FLUSH = 0x200
+_STATE_MASK = 0xFF
+_FLAGS = FLAG_FUA | FLAG_FLUSH
+
+
 class JournalError(ValueError):
     """No journal in guest memory, or a malformed one."""
 
@@ -88,6 +112,11 @@ class JournalEntry:
     lba: int
     generation: int
     crc: int
+    #: sent with FUA (a write), or a SYNCHRONIZE CACHE (then ``lba`` is its index)
+    fua: bool = False
+    flush: bool = False
+    #: 1 + flushes of its disk submitted before its acknowledgement (0: not recorded)
+    mark: int = 0
 
 
 class Journal:
@@ -141,38 +170,50 @@ class Journal:
 
     def entry(self, seq: int) -> JournalEntry:
         raw = self._memory.read(self._entry_addr(seq), _ENTRY.size)
-        state, lun, target, lba, generation, crc, stored_seq = _ENTRY.unpack(raw)
+        word, lun, target, lba, generation, crc, seq_word = _ENTRY.unpack(raw)
+        state, flags = word & _STATE_MASK, word & ~_STATE_MASK
+        stored_seq, mark = seq_word & 0xFFFF_FFFF, seq_word >> 32
         try:
             st = EntryState(state)
         except ValueError:
             raise JournalError(f"journal entry {seq}: state {state}") from None
+        if flags & ~_FLAGS:
+            raise JournalError(f"journal entry {seq}: flags {flags:#x}")
         if st is not EntryState.EMPTY and stored_seq != seq:
             raise JournalError(f"journal entry {seq} carries seq {stored_seq}")
-        return JournalEntry(seq, st, target, lun, lba, generation, crc)
+        return JournalEntry(seq, st, target, lun, lba, generation, crc,
+                            bool(flags & FLAG_FUA), bool(flags & FLAG_FLUSH), mark)
 
     def record_pending(self, seq: int, *, target: int, lun: int, lba: int, generation: int,
-                       crc: int) -> None:
-        """Fields first, then the state word (PENDING)."""
+                       crc: int, fua: bool = False, flush: bool = False) -> None:
+        """Fields first, then the state word (PENDING, with the FUA / flush flag)."""
         addr = self._entry_addr(seq)
         if self._memory.load_u32(addr) != EntryState.EMPTY:
             raise JournalError(f"journal entry {seq} is already used")
         raw = _ENTRY.pack(0, lun, target, lba, generation, crc, seq)
         self._memory.write(addr + 4, raw[4:])
-        self._memory.store_u32(addr, EntryState.PENDING)
+        flags = (FLAG_FUA if fua else 0) | (FLAG_FLUSH if flush else 0)
+        self._memory.store_u32(addr, EntryState.PENDING | flags)
 
-    def settle(self, seq: int, state: EntryState) -> None:
-        """PENDING -> ACKED or FAILED (idempotent for the same state)."""
+    def settle(self, seq: int, state: EntryState, *, mark: int | None = None) -> None:
+        """PENDING -> ACKED or FAILED (idempotent for the same state). ``mark`` (the
+        write's flush mark) is stored before the state word."""
         addr = self._entry_addr(seq)
-        current = self._memory.load_u32(addr)
+        word = self._memory.load_u32(addr)
+        current, flags = word & _STATE_MASK, word & _FLAGS
         if current == state:
             return
         if current != EntryState.PENDING or state not in (EntryState.ACKED, EntryState.FAILED):
             raise JournalError(f"journal entry {seq}: {EntryState(current).name} -> "
                                f"{state.name}")
-        self._memory.store_u32(addr, state)
+        if mark is not None:
+            if not 0 <= mark <= 0xFFFF_FFFF:
+                raise JournalError(f"journal entry {seq}: flush mark {mark}")
+            self._memory.write(addr + 0x18, struct.pack("<Q", seq | (mark << 32)))
+        self._memory.store_u32(addr, state | flags)
 
     def rewrite(self, seq: int, state: EntryState, *, target: int, lun: int, lba: int,
-                generation: int, crc: int) -> None:
+                generation: int, crc: int, fua: bool = False) -> None:
         """Overwrite a settled entry (a checkpoint of the verify workload): the state
         word goes to FAILED first (a reader that finds the entry torn takes it as a
         write of unknown outcome), then the fields, then ``state``."""
@@ -183,7 +224,7 @@ class Journal:
             self._memory.store_u32(addr, EntryState.FAILED)
         raw = _ENTRY.pack(0, lun, target, lba, generation, crc, seq)
         self._memory.write(addr + 4, raw[4:])
-        self._memory.store_u32(addr, state)
+        self._memory.store_u32(addr, state | (FLAG_FUA if fua else 0))
 
     def clear_from(self, start: int) -> None:
         """Entries ``start..`` back to EMPTY, the last first (one aligned store each), so
@@ -218,6 +259,108 @@ class Journal:
         for entry in self.entries():
             counts[entry.state.name.lower()] += 1
         return counts
+
+
+# -- durability after a power cut ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DurabilityExpectation:
+    """What an LBA may hold after a power cut: a generation >= ``floor`` (0: zeros are
+    allowed) among ``generations`` (every one ever submitted there)."""
+
+    floor: int
+    generations: frozenset[int]
+    #: the newest acknowledged generation (durable or not; 0: none)
+    newest_acked: int = 0
+
+
+@dataclass(slots=True)
+class DurabilityStats:
+    writes: int = 0
+    acked: int = 0
+    acked_fua: int = 0
+    pending: int = 0
+    failed: int = 0
+    flushes: int = 0
+    flushes_completed: int = 0
+    #: acknowledged writes that had to survive (FUA, or before a completed flush)
+    required: int = 0
+    #: LBAs with a floor (their newest required write)
+    floors: int = 0
+    per_disk_flushes: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def dump(self) -> dict[str, int]:
+        return {"writes": self.writes, "acked": self.acked, "acked_fua": self.acked_fua,
+                "pending": self.pending, "failed": self.failed, "flushes": self.flushes,
+                "flushes_completed": self.flushes_completed, "required": self.required,
+                "floors": self.floors}
+
+
+def durability_expectations(
+    entries: Iterable[JournalEntry],
+) -> tuple[dict[tuple[int, int, int], DurabilityExpectation], DurabilityStats]:
+    """From a journal read after a power cut: per (target, LUN, LBA) the generation it
+    must at least hold, and every generation it may hold. A write must be durable if it
+    was acknowledged with FUA, or acknowledged before a completed flush of its disk was
+    submitted (its flush mark ``m`` >= 1 and a flush of index >= ``m - 1`` completed)."""
+    stats = DurabilityStats()
+    writes: list[JournalEntry] = []
+    done_flush: dict[tuple[int, int], int] = {}  # disk -> highest completed flush index
+    for entry in entries:
+        if entry.flush:
+            stats.flushes += 1
+            if entry.state is EntryState.ACKED:
+                stats.flushes_completed += 1
+                disk = (entry.target, entry.lun)
+                done_flush[disk] = max(done_flush.get(disk, -1), entry.lba)
+            continue
+        writes.append(entry)
+    stats.per_disk_flushes = {d: i + 1 for d, i in done_flush.items()}
+    gens: dict[tuple[int, int, int], set[int]] = {}
+    floors: dict[tuple[int, int, int], int] = {}
+    newest: dict[tuple[int, int, int], int] = {}
+    for entry in writes:
+        key = (entry.target, entry.lun, entry.lba)
+        gens.setdefault(key, set()).add(entry.generation)
+        stats.writes += 1
+        if entry.state is EntryState.PENDING:
+            stats.pending += 1
+            continue
+        if entry.state is EntryState.FAILED:
+            stats.failed += 1
+            continue
+        stats.acked += 1
+        stats.acked_fua += entry.fua
+        newest[key] = max(newest.get(key, 0), entry.generation)
+        covered = entry.mark >= 1 and done_flush.get((entry.target, entry.lun), -1) >= \
+            entry.mark - 1
+        if entry.fua or covered:
+            stats.required += 1
+            floors[key] = max(floors.get(key, 0), entry.generation)
+    stats.floors = len(floors)
+    return ({key: DurabilityExpectation(floors.get(key, 0), frozenset(g),
+                                        newest.get(key, 0))
+             for key, g in gens.items()}, stats)
+
+
+def recovered_verdict(data: bytes, expect: DurabilityExpectation | None, *, vm: int,
+                      lba: int, block_size: int) -> tuple[str, int]:
+    """Judge a block read back after a power cut: ``("ok", generation)`` (0 for zeros),
+    or ``("lost" | "torn" | "invented", generation)``: older than its floor (an
+    acknowledged durable write is gone), not an intact block, or a generation never
+    written there."""
+    floor = 0 if expect is None else expect.floor
+    if not any(data):
+        return ("ok", 0) if floor == 0 else ("lost", 0)
+    check = check_block(data, vm=vm, lba=lba, block_size=block_size)
+    if not check.ok:
+        return "torn", check.generation
+    if expect is None or check.generation not in expect.generations:
+        return "invented", check.generation
+    if check.generation < floor:
+        return "lost", check.generation
+    return "ok", check.generation
 
 
 def _header_crc(magic: int, raw: bytes) -> int:
