@@ -19,6 +19,7 @@ from vfdirect.adapter.service import AdapterService
 from vfdirect.adapter.vf.fairness import (
     BULK_BYTES,
     BULK_GATE,
+    BULK_NICE,
     SWITCH_INTERVAL_S,
     BulkGate,
     bulk_lanes,
@@ -221,3 +222,27 @@ def test_bulk_lane_is_kept_during_the_pause_and_freed_after() -> None:
     assert seen == [False]
     assert gate._sem.acquire(blocking=False)  # freed after the pause
     gate._sem.release()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowering a nice value back needs root")
+def test_bulk_transfer_runs_at_low_priority_and_gets_it_back() -> None:
+    gate = BulkGate(1, threshold=1000)
+    assert gate.bulk_nice == BULK_NICE
+    tid = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    with gate.transfer(10):  # small: never reniced
+        assert os.getpriority(os.PRIO_PROCESS, tid) == before
+    with gate.transfer(5000, pause=False):
+        assert os.getpriority(os.PRIO_PROCESS, tid) == BULK_NICE
+    assert os.getpriority(os.PRIO_PROCESS, tid) == before
+    with pytest.raises(RuntimeError), gate.transfer(5000, pause=False):
+        raise RuntimeError("the transfer failed")
+    assert os.getpriority(os.PRIO_PROCESS, tid) == before
+
+
+def test_bulk_nice_zero_leaves_the_priority_alone() -> None:
+    gate = BulkGate(1, threshold=1000, bulk_nice=0)
+    tid = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    with gate.transfer(5000, pause=False):
+        assert os.getpriority(os.PRIO_PROCESS, tid) == before

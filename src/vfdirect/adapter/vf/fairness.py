@@ -23,7 +23,13 @@ Python process. Two things decide who runs, and both let a busy VF starve a ligh
 * a VF thread's own work: decoding a batch of long chains (and, without IO threads,
   executing them) costs milliseconds of CPU per polling round. A round that cost more
   than :data:`ROUND_BUDGET_NS` of the thread's CPU time, while another VF does small
-  IO, is followed by the same pause (:meth:`BulkGate.after_round`).
+  IO, is followed by the same pause (:meth:`BulkGate.after_round`);
+* the kernel's scheduler. Pausing alone leaves the latency-bound VF competing for a CPU
+  with the copies that do run: its thread and its VM's poller wait a time slice behind
+  them. A bulk transfer therefore runs with its thread at nice :data:`BULK_NICE` (a
+  Linux thread's own priority, ``setpriority`` on its thread id) and gets its priority
+  back after: the scheduler then prefers any thread serving small IO. Only where the
+  adapter may lower a nice value again (root) does it raise one.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from contextlib import contextmanager
 SWITCH_INTERVAL_S = 0.0005
 #: Transfers of at least this many bytes go through the :class:`BulkGate`.
 BULK_BYTES = 256 * 1024
+#: The nice value of a thread while it moves a bulk transfer (0: not reniced).
+BULK_NICE = 19
 #: While another VF does small IO, a bulk transfer is followed by a pause this many
 #: times its duration (bulk movers get at most half of their lanes), ...
 PAUSE_RATIO = 1.0
@@ -68,7 +76,10 @@ class BulkGate:
                  pause_ratio: float = PAUSE_RATIO, recent_ns: int = RECENT_NS,
                  max_pause_ns: int = MAX_PAUSE_NS, round_budget_ns: int = ROUND_BUDGET_NS,
                  clock: Callable[[], int] = time.monotonic_ns,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 bulk_nice: int | None = None) -> None:
+        """``bulk_nice``: the nice value of a thread during a bulk transfer (default
+        :data:`BULK_NICE` when this process may lower it back, i.e. as root; else 0)."""
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, not {lanes}")
         if threshold < 1:
@@ -83,6 +94,9 @@ class BulkGate:
         self.round_budget_ns = round_budget_ns
         self._clock = clock
         self._sleep = sleep
+        if bulk_nice is None:
+            bulk_nice = BULK_NICE if os.geteuid() == 0 else 0
+        self.bulk_nice = bulk_nice
         self._sem = threading.Semaphore(lanes)
         self._lock = threading.Lock()
         #: when each VF last did a small transfer (a single store per transfer)
@@ -117,14 +131,39 @@ class BulkGate:
             self.bulk += 1
             self.waited += waited
         start = self._clock()
+        restore = self._renice()
         try:
             yield
         finally:
+            if restore is not None:
+                self._set_nice(*restore)
             try:
                 if pause:
                     self._pause(vf, start)
             finally:
                 self._sem.release()
+
+    def _renice(self) -> tuple[int, int] | None:
+        """Lower this thread's priority for a bulk transfer; ``(tid, nice)`` to put
+        back, or ``None`` when it was not changed."""
+        if not self.bulk_nice:
+            return None
+        tid = threading.get_native_id()
+        try:
+            before = os.getpriority(os.PRIO_PROCESS, tid)
+        except OSError:
+            return None
+        if before >= self.bulk_nice or not self._set_nice(tid, self.bulk_nice):
+            return None
+        return tid, before
+
+    def _set_nice(self, tid: int, nice: int) -> bool:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError:  # not allowed here (no privilege, a sandbox): stop trying
+            self.bulk_nice = 0
+            return False
+        return True
 
     def _pause(self, vf: int, start: int) -> None:
         if not self.pause_ratio:
