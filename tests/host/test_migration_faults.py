@@ -470,3 +470,44 @@ def test_vm_migrate_bad_input_is_one_line_and_changes_nothing(cluster: Cluster) 
         check(not vm_processes(cluster.h2, name), name)
     finally:
         remove_vm(cluster, name)
+
+
+def test_destination_that_lost_its_source_after_ready_gives_up_and_the_commit_is_refused(
+        cluster: Cluster) -> None:
+    """The connection goes after READY, before COMMIT, while the source (alive, slow)
+    still holds READY. The destination does not wait for it: the inventory decides at
+    once, and since the source had not committed, "aborted"; the source's commit that
+    comes later is refused, so it aborts too and its VM goes on on its VF. Never both
+    hosts: the destination threw its VM process away before the source could commit."""
+    h1, h2 = cluster.h1, cluster.h2
+    name = f"m{next(_serial)}"
+    hold = cluster.root / f"hold-{name}"
+    start_verify_vm(h1, name)
+    hold.touch()
+    cluster.faults(f"source:after_ready:close,source:after_ready:hold={hold}")
+    try:
+        ident = h1.cli_json("vm", "migrate", name, "--to", h2.name, "--no-wait")["migration"]
+        _wait_for("source:after_ready", hold.with_name(hold.name + ".reached").exists)
+        COUNTERS["faults"] += 1
+
+        def decision() -> str | None:
+            detail = h1.api("GET", f"/v1/migrations/{ident}")["detail"]
+            return detail.get("decision")
+        # decided by the destination alone: the source is still held at READY
+        check(_wait_for("the destination's decision", decision) == "aborted", ident)
+        check(hold.exists(), "the source moved on")
+        hold.unlink()
+        shown = migration_done(h1, ident)
+    finally:
+        cluster.faults("")
+        with contextlib.suppress(FileNotFoundError):
+            hold.unlink()
+    try:
+        progress = shown["progress"]
+        MATRIX.append(("source", "after_ready", "cut", progress["outcome"]))
+        check(progress["outcome"] == "aborted", progress)
+        check(shown["detail"].get("decision") == "aborted", shown)
+        assert_vm_on(cluster, name, h1, vport_names(h1, name))
+        finish_verify(cluster, name, h1)
+    finally:
+        remove_vm(cluster, name)

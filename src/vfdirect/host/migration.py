@@ -29,12 +29,14 @@ the destination whatever happens to the connection: a destination that lost the 
 message finds the commit in the inventory. The VM is never served by two hosts: the
 source VM is paused and its mediated path stopped before READY is even asked for.
 
-A destination that loses the connection after READY waits for the decision in the
-inventory (the VM moved to it, or the migration ended without that) before it throws
-anything away; a destination VM process that dies after the commit point is replaced
-by one resumed on the (complete) received memory, else the VM is left in ERROR on the
-destination. A destination host killed mid-migration cleans up at its restart
-(:func:`reclaim_incoming`, called by the reconciliation): it kills the VM process it
+The commit point is one decision in the inventory for both hosts: the source's
+``migration_commit`` and the destination's ``migration_give_up`` (a destination that
+loses the connection after READY, or restarts, calls it at once) decide on the same
+locked row; whichever comes first wins, the other finds it. A destination VM process
+that dies after the commit point is replaced by one resumed on the (complete) received
+memory, else the VM is left in ERROR on the destination. A destination host killed
+mid-migration cleans up at its restart (:func:`reclaim_incoming`, called by the
+reconciliation): it decides the migration first (as above), then kills the VM process it
 had started, releases the VF and logs out the vport of a VM that stayed on its source,
 and adopts the booted VM process of one that was committed to it.
 """
@@ -502,9 +504,11 @@ class SourceMigration:
             raise MigrationFailed(f"destination: {reply.json.get('message')}")
         if reply.type is not SectionType.READY:
             raise MigrationFailed(f"destination answered {reply.type.name}, not READY")
+        fault_point("source", "after_ready", channel=channel, vm=proc)
         # -- commit point: the inventory says the VM is on the destination
         self._enter(Phase.COMMIT)
-        svc.inv.vm_set_host(self.vm, self.destination)
+        if not svc.inv.migration_commit(self.ident, self.vm, self.destination):
+            raise MigrationFailed("the destination gave the migration up before the commit")
         self._committed = True
         fault_point("source", "after_commit", channel=channel, vm=proc)
         with contextlib.suppress(OSError, MigrationFailed):
@@ -958,20 +962,20 @@ class IncomingMigration:
                                      detail={"worst_stall_ms": event.get("stall_ms")})
 
     def _await_decision(self) -> bool:
-        """The connection went after READY, before COMMIT came: the source may commit
-        still (it may have READY in hand). Whether it did is in the inventory: the VM
-        moved here (committed) or the migration ended without that (the source
-        aborted); giving up earlier could throw away a VM the source hands over."""
+        """The connection went after READY, before COMMIT came: the source may have
+        committed (the COMMIT was lost) or may still be about to (it has READY in hand).
+        The inventory decides, at once and for both: this host gives the migration up
+        unless the source's commit came first (:meth:`Inventory.migration_give_up`);
+        a source that commits later is refused and aborts, its VM back on its VF. The
+        decision is retried while the inventory is unreachable, within the timeout."""
         svc = self.service
         deadline = time.monotonic() + self.options.timeout_s
         while True:
-            with contextlib.suppress(InventoryError):
-                if svc.inv.vm_get(self.vm).host == svc.name:
-                    return True
-                if svc.inv.migration_get(self.ident).outcome != MigrationOutcome.RUNNING:
-                    return svc.inv.vm_get(self.vm).host == svc.name
-            if time.monotonic() >= deadline:
-                return False
+            try:
+                return svc.inv.migration_give_up(self.ident)
+            except InventoryError as exc:
+                if time.monotonic() >= deadline:
+                    raise MigrationFailed(f"no decision from the inventory: {exc}") from exc
             time.sleep(0.05)
 
     def _fail_committed(self, error: str) -> None:
@@ -1096,6 +1100,17 @@ def _last_destination(svc: HostService, vm: str) -> bool:
     return False
 
 
+def _decide_incoming(svc: HostService, vm: str) -> None:
+    """An incoming migration of ``vm`` this host's previous run left undecided: give it
+    up now, unless its source committed first (then the VM is this host's), so that a
+    source still holding READY cannot commit a VM this host is about to throw away."""
+    with contextlib.suppress(InventoryError):
+        last = svc.inv.migration_list(vm=vm, limit=1)
+        if last and last[0].destination == svc.name and last[0].source != svc.name \
+                and last[0].outcome == MigrationOutcome.RUNNING.value:
+            svc.inv.migration_give_up(last[0].id)
+
+
 def reclaim_incoming(service: HostService) -> dict[str, list[str]]:
     """After this host restarts (before its reconciliation): what incoming migrations
     that died with its previous run left behind (X1, B7).
@@ -1115,6 +1130,7 @@ def reclaim_incoming(service: HostService) -> dict[str, list[str]]:
                          if v.state is VmState.MIGRATING and _last_destination(svc, v.name)}
     vfs = {int(v["vf"]): v for v in svc.pf_call("vf_list", lambda pf: pf.vf_list())}
     for name in sorted(names):
+        _decide_incoming(svc, name)
         view = svc.inv.vm_get(name)
         if view.host == svc.name and (view.state is not VmState.MIGRATING
                                       or not _last_destination(svc, name)):

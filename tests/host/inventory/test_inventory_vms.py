@@ -262,3 +262,30 @@ def test_event_log(inventory: Inventory) -> None:
     assert e1.detail == {"phase": "quiesce", "ms": 1.5} and e1.migration == "m-1"
     with pytest.raises(InvalidArgumentError):
         inventory.event_append("")
+
+
+def _migration(inv: Inventory) -> str:
+    _vm(inv, "vm1", "h1")
+    inv.host_register("h2", api_address="127.0.0.1:8001", run_dir="/run/h2")
+    return inv.migration_begin("mig-1", "vm1", source="h1", destination="h2").id
+
+
+def test_migration_commit_moves_the_vm_once_decided(inventory: Inventory) -> None:
+    ident = _migration(inventory)
+    assert inventory.migration_commit(ident, "vm1", "h2") is True
+    assert inventory.vm_get("vm1").host == "h2"
+    # decided: the destination's give-up finds the commit; a repeat commit is harmless
+    assert inventory.migration_give_up(ident) is True
+    assert inventory.migration_commit(ident, "vm1", "h2") is True
+    inventory.migration_update(ident, detail={"note": "merged"})  # never loses it
+    assert inventory.migration_get(ident).detail["decision"] == "committed"
+
+
+def test_migration_given_up_refuses_the_commit(inventory: Inventory) -> None:
+    ident = _migration(inventory)
+    assert inventory.migration_give_up(ident) is False
+    assert inventory.migration_give_up(ident) is False
+    assert inventory.migration_commit(ident, "vm1", "h2") is False
+    assert inventory.vm_get("vm1").host == "h1"
+    inventory.migration_update(ident, detail={"note": "merged"})
+    assert inventory.migration_get(ident).detail["decision"] == "aborted"

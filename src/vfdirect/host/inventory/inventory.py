@@ -702,16 +702,19 @@ class Inventory:
         X3) to ``host``."""
         def op(s: Session) -> VmView:
             row = rows.vm(s, name, lock=True)
-            old = None if row.host_id is None else s.get_one(m.Host, row.host_id).name
-            h = rows.host(s, host)
-            row.host_id = h.id
-            row.updated_at = self._now()
-            s.execute(update(m.Vport).where(m.Vport.vm_id == row.id).values(host_id=h.id))
-            s.flush()
-            self._event(s, "vm_move", vm=name, host=host, detail={"from": old, "to": host})
+            self._move_vm(s, row, host)
             return rows.vm_view(s, row)
 
         return self._write(op)
+
+    def _move_vm(self, s: Session, row: m.Vm, host: str) -> None:
+        old = None if row.host_id is None else s.get_one(m.Host, row.host_id).name
+        h = rows.host(s, host)
+        row.host_id = h.id
+        row.updated_at = self._now()
+        s.execute(update(m.Vport).where(m.Vport.vm_id == row.id).values(host_id=h.id))
+        s.flush()
+        self._event(s, "vm_move", vm=row.name, host=host, detail={"from": old, "to": host})
 
     def vm_delete(self, name: str) -> None:
         """Forget a VM with no process, no vdisk, no vport and no VF."""
@@ -1085,9 +1088,7 @@ class Inventory:
         """Replace the report (``phases``), merge ``detail``; a final ``outcome`` sets
         the finish time."""
         def op(s: Session) -> MigrationView:
-            row = s.get(m.MigrationRecord, ident)
-            if row is None:
-                raise NotFoundError(f"no migration {ident!r}")
+            row = self._migration_row(s, ident)
             if phases is not None:
                 row.phases = dict(phases)
             if detail:
@@ -1100,6 +1101,52 @@ class Inventory:
                                 migration=ident, detail={})
             s.flush()
             return rows.migration_view(s, row)
+
+        return self._write(op)
+
+    @staticmethod
+    def _migration_row(s: Session, ident: str) -> m.MigrationRecord:
+        """The migration's row, locked: its ``detail`` is read, merged and written back
+        in one transaction (the decision below must never be lost to a merge)."""
+        row = s.scalar(rows.locked(select(m.MigrationRecord)
+                                   .where(m.MigrationRecord.id == ident)))
+        if row is None:
+            raise NotFoundError(f"no migration {ident!r}")
+        return row
+
+    def migration_commit(self, ident: str, vm: str, destination: str) -> bool:
+        """The commit point of a migration: move ``vm`` (and its vport) to
+        ``destination`` unless the destination gave the migration up first
+        (:meth:`migration_give_up`). The two decide on the same locked row, so exactly
+        one of them wins, and the decision (``detail.decision``) never changes after.
+        True: committed."""
+        def op(s: Session) -> bool:
+            row = self._migration_row(s, ident)
+            decision = row.detail.get("decision")
+            if decision == "aborted":
+                return False
+            if decision != "committed":
+                row.detail = {**row.detail, "decision": "committed"}
+                self._move_vm(s, rows.vm(s, vm, lock=True), destination)
+            s.flush()
+            return True
+
+        return self._write(op)
+
+    def migration_give_up(self, ident: str) -> bool:
+        """A migration's destination lost its source (or restarted) after READY and
+        before COMMIT: decide "aborted" unless the source committed first; from then on
+        the source's :meth:`migration_commit` fails. True: the source had committed (the
+        VM is the destination's)."""
+        def op(s: Session) -> bool:
+            row = self._migration_row(s, ident)
+            decision = row.detail.get("decision")
+            if decision == "committed":
+                return True
+            if decision != "aborted":
+                row.detail = {**row.detail, "decision": "aborted"}
+                s.flush()
+            return False
 
         return self._write(op)
 
