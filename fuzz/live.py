@@ -14,18 +14,12 @@ from typing import Any
 
 from fuzzlib import Stats, Violation
 from vf_frontend_helpers import (
-    EVENT_BUFFERS,
     MEM_SIZE,
-    USER_BASE,
-    WANTED_FEATURES,
-    WANTED_PROTOCOL,
     FrontEnd,
 )
 from vf_test_helpers import assign_vf0, wait_for
 
 from vfdirect.adapter.pf_client import PfClient
-from vfdirect.core.vhost import FrontendVring, negotiate, start_device
-from vfdirect.core.vhost.messages import MemoryRegionDesc
 
 #: Bytes of the memory file past the granted memory, filled with :data:`CANARY`.
 CANARY_SIZE = 64 << 10
@@ -41,18 +35,8 @@ class CanaryFrontEnd(FrontEnd):
         super().__init__(sock_path, mem_path, mem_size=MEM_SIZE + CANARY_SIZE)
         self.shm.buffer[MEM_SIZE:] = CANARY
 
-    def setup(self, *, events: int = EVENT_BUFFERS, vrings: bool = True) -> CanaryFrontEnd:
-        if self.negotiated is None:
-            self.negotiated = self.drive(negotiate(WANTED_FEATURES, WANTED_PROTOCOL))
-        region = MemoryRegionDesc(0, MEM_SIZE, USER_BASE, 0)  # the canary is not granted
-        rings = [FrontendVring(i, d.layout.queue_config(), self.kicks[i], self.calls[i],
-                               self.used_idx(i))
-                 for i, d in enumerate(self.drivers)] if vrings else []
-        self.drive(start_device(self.negotiated, self.memory, [(region, self.shm.fd)], rings))
-        if vrings:
-            for _ in range(events):
-                self.post_event_buffer()
-        return self
+    def granted_bytes(self) -> int:
+        return MEM_SIZE  # the canary past it is not granted
 
 
 class FuzzVf:

@@ -154,7 +154,7 @@ class FrontEnd:
         guest memory, as a restarted VM does); post event buffers."""
         if self.negotiated is None:
             self.negotiated = self.drive(negotiate(WANTED_FEATURES, WANTED_PROTOCOL))
-        region = MemoryRegionDesc(0, self.shm.size, USER_BASE, 0)
+        region = MemoryRegionDesc(0, self.granted_bytes(), USER_BASE, 0)
         rings = [FrontendVring(i, d.layout.queue_config(), self.kicks[i], self.calls[i],
                                self.used_idx(i))
                  for i, d in enumerate(self.drivers)] if vrings else []
@@ -163,6 +163,10 @@ class FrontEnd:
             for _ in range(events):
                 self.post_event_buffer()
         return self
+
+    def granted_bytes(self) -> int:
+        """How much of the memory file the VF gets (SET_MEM_TABLE): all of it."""
+        return self.shm.size
 
     def used_idx(self, queue: int) -> int:
         return self.memory.load_u16(self.drivers[queue].layout.used_addr + 2)

@@ -25,7 +25,7 @@ from typing import Protocol, Self, runtime_checkable
 
 from vfdirect.core.block import BlockDevice, BlockRangeError
 from vfdirect.storage._posixio import Writer, preadv_full, total_bytes
-from vfdirect.storage.faults import FaultInjector
+from vfdirect.storage.faults import FaultInjector, VolatileCache
 
 
 @runtime_checkable
@@ -97,8 +97,7 @@ class FdBackend:
         nbytes = total_bytes(bufs)
         check_io(lba, nbytes, self._block_size, self._num_blocks, self._name)
         if self._faults is not None:
-            spec = self._faults.before_io(f"{self._name}: read at block {lba}", write=False)
-            cache = self._faults.cache(spec, self._block_size, self._writer)
+            cache = self._fault(f"read at block {lba}", write=False)
             if cache is not None:  # test-only volatile write cache (.faults)
                 fd, offset = self._fd, lba * self._block_size
                 cache.read(lba, bufs, lambda: preadv_full(fd, bufs, offset, nbytes))
@@ -110,18 +109,23 @@ class FdBackend:
         nbytes = total_bytes(bufs)
         check_io(lba, nbytes, self._block_size, self._num_blocks, self._name)
         if self._faults is not None:
-            spec = self._faults.before_io(f"{self._name}: write at block {lba}", write=True)
-            cache = self._faults.cache(spec, self._block_size, self._writer)
+            cache = self._fault(f"write at block {lba}", write=True)
             if cache is not None:  # test-only volatile write cache (.faults)
                 cache.write(self._writer, lba, bufs, fua=fua)
                 return
         self._writer.write(bufs, lba * self._block_size, nbytes, fua=fua)
 
+    def _fault(self, what: str, *, write: bool) -> VolatileCache | None:
+        """Run the injected faults of this IO (``self._faults`` is set); the volatile
+        write cache the IO goes through, if the faults ask for one."""
+        assert self._faults is not None
+        spec = self._faults.before_io(f"{self._name}: {what}", write=write)
+        return self._faults.cache(spec, self._block_size, self._writer)
+
     def flush(self) -> None:
         self._check_open()
         if self._faults is not None:
-            spec = self._faults.before_io(f"{self._name}: flush", write=True)
-            cache = self._faults.cache(spec, self._block_size, self._writer)
+            cache = self._fault("flush", write=True)
             if cache is not None:  # test-only volatile write cache (.faults)
                 cache.flush(self._writer)
                 return
@@ -135,8 +139,7 @@ class FdBackend:
             raise ValueError(f"{self._name}: negative block count {count}")
         check_io(lba, count * self._block_size, self._block_size, self._num_blocks, self._name)
         if self._faults is not None:
-            spec = self._faults.before_io(f"{self._name}: zero at block {lba}", write=True)
-            cache = self._faults.cache(spec, self._block_size, self._writer)
+            cache = self._fault(f"zero at block {lba}", write=True)
             if cache is not None:
                 cache.discard(lba, count)
         offset, length = lba * self._block_size, count * self._block_size
